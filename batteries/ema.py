@@ -1,0 +1,67 @@
+"""EMA: an exponential moving average of a model's weights."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from batteries.checkpoint import unwrap_model
+
+__all__ = ["EMA"]
+
+
+class EMA(nn.Module):
+    """Exponential moving average of a model's weights, after timm's ``ModelEmaV2``.
+
+    ``ema = decay * ema + (1 - decay) * weights`` for floating-point parameters and buffers;
+    integer buffers (e.g. ``num_batches_tracked``) are copied. The averaged copy lives in
+    ``.module`` (eval mode, no gradients) and is a ``nn.Module``, so ``ema.module(x)`` evaluates
+    it and ``state_dict()`` / ``load_state_dict()`` save and restore it.
+
+    Args:
+        model: the model to average (bare or wrapped; it is unwrapped and deep-copied).
+        decay: weight of the old average, in ``[0, 1]``. Default 0.9999.
+        device: keep the average on this device (e.g. ``"cpu"`` to save GPU memory); None keeps
+            the model's device. Default None.
+
+    Raises:
+        ValueError: if ``decay`` is outside ``[0, 1]``.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, device: str | torch.device | None = None) -> None:
+        super().__init__()
+        if not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
+        self.decay = float(decay)
+        self.device = device
+        self.module = copy.deepcopy(unwrap_model(model)).eval()
+        self.module.requires_grad_(False)
+        if device is not None:
+            self.module.to(device)
+
+    @torch.no_grad()
+    def _apply_update(self, model: nn.Module, decay: float) -> None:
+        source = unwrap_model(model).state_dict()
+        target = self.module.state_dict()
+        if source.keys() != target.keys():
+            raise ValueError("model has different parameters / buffers than the one the EMA was built from")
+        for key, ema_value in target.items():
+            value = source[key].to(ema_value.device)
+            if ema_value.is_floating_point():
+                ema_value.lerp_(value.to(ema_value.dtype), 1.0 - decay)
+            else:
+                ema_value.copy_(value)
+
+    def update(self, model: nn.Module) -> None:
+        """Move the average towards ``model``'s current weights (call after ``optimizer.step()``)."""
+        self._apply_update(model, self.decay)
+
+    def set(self, model: nn.Module) -> None:
+        """Make the average equal to ``model``'s current weights (timm's ``set``)."""
+        self._apply_update(model, 0.0)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)

@@ -1,0 +1,126 @@
+"""AverageMeter: a running (weighted) mean."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from batteries import distributed
+
+__all__ = ["AverageMeter", "AverageMetter"]
+
+
+def _as_number(value: Any) -> float | torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"value must hold one element, got a tensor of shape {tuple(value.shape)}")
+        value = value.detach().reshape(())
+        dtype = torch.float32 if value.device.type == "mps" else torch.float64
+        return value.to(dtype)
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"value must be a number or a one-element tensor, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _to_float(value: float | torch.Tensor) -> float:
+    return value.item() if isinstance(value, torch.Tensor) else float(value)
+
+
+class AverageMeter:
+    """Running weighted mean of a metric, e.g. the loss over an epoch.
+
+    Values may be Python / NumPy numbers or one-element tensors. Tensors are accumulated on their
+    own device (in float64, float32 on MPS) without a host synchronisation per update; the
+    synchronisation happens once, when ``.average`` / ``.sum`` / ``.value`` is read.
+
+    Attributes:
+        value: the last value given to :meth:`update` (float; NaN before the first update).
+        sum: sum of ``value * n`` over all updates (float).
+        count: sum of ``n`` over all updates.
+        average: ``sum / count`` (float); NaN while ``count`` is 0.
+
+    Example:
+        >>> meter = AverageMeter()
+        >>> meter.update(loss, n=x.size(0))
+        >>> meter.average
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every update."""
+        self._value: float | torch.Tensor = math.nan
+        self._sum: float | torch.Tensor = 0.0
+        self.count: int | float = 0
+
+    def update(self, value: Any, n: int | float = 1) -> None:
+        """Add ``value`` with weight ``n`` (usually the batch size).
+
+        Args:
+            value: a number or a one-element tensor (detached; stays on its device).
+            n: weight, >= 0. ``n=0`` records ``value`` as the last value but leaves the mean unchanged.
+                Default 1.
+
+        Raises:
+            ValueError: if ``n`` is negative or not finite, or a tensor holds more than one element.
+            TypeError: if ``value`` is not a number or tensor.
+        """
+        if isinstance(n, bool) or not isinstance(n, (int, float, np.integer, np.floating)):
+            raise TypeError(f"n must be a number, got {n!r} ({type(n).__name__})")
+        if not math.isfinite(n) or n < 0:
+            raise ValueError(f"n must be a finite number >= 0, got {n!r}")
+        value = _as_number(value)
+        self._value = value
+        if n:
+            self._sum = self._sum + value * n
+            self.count += n
+
+    @property
+    def value(self) -> float:
+        return _to_float(self._value)
+
+    @property
+    def sum(self) -> float:
+        return _to_float(self._sum)
+
+    @property
+    def average(self) -> float:
+        if not self.count:
+            return math.nan
+        return _to_float(self._sum) / self.count
+
+    @property
+    def counter(self) -> int | float:
+        """Alias of ``count`` (the original toolkit's name)."""
+        return self.count
+
+    def all_reduce(self) -> AverageMeter:
+        """A new meter whose sum and count are summed over all ranks (one collective).
+
+        Without a process group it is a copy of this meter. ``value`` stays this rank's last value.
+        On NCCL the sums travel on the current CUDA device, on gloo on the CPU.
+
+        Returns:
+            A new :class:`AverageMeter`; this one is unchanged.
+        """
+        device = torch.device("cpu")
+        if distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        totals = distributed.sreduce(torch.tensor([self.sum, float(self.count)], dtype=torch.float64, device=device))
+        reduced = type(self)()
+        reduced._value = self._value
+        reduced._sum = totals[0].item()
+        reduced.count = totals[1].item()
+        return reduced
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(average={self.average:.6g}, count={self.count})"
+
+
+AverageMetter = AverageMeter

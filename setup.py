@@ -1,0 +1,27 @@
+"""Packaging for batteries. The version lives in batteries/__init__.py only."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "batteries" / "__init__.py").read_text(), re.M).group(1)
+
+EXAMPLES = ["scikit-learn>=1.0", "matplotlib>=3.5"]
+TEST = ["pytest>=7.0", "scikit-learn>=1.0"]
+BENCH = ["scikit-learn>=1.0"]
+
+setup(
+    name="batteries",
+    version=VERSION,
+    description="Small, independent helpers for plain PyTorch training loops: no Trainer, no callbacks.",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["batteries", "batteries.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.1", "numpy>=1.21", "tqdm>=4.60", "tensorboardX>=2.5"],
+    extras_require={"examples": EXAMPLES, "test": TEST, "bench": BENCH, "dev": EXAMPLES + TEST + ["ruff>=0.5"]},
+    license="MIT",
+    classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
+)
