@@ -59,10 +59,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def _safe(value: Any, where: str) -> Any:
     """Turn ``value`` into something ``torch.load(weights_only=True)`` reads, or raise TypeError."""
+    if isinstance(value, np.generic):  # before the int / float check: np.float64 subclasses float
+        return value.item()
     if value is None or isinstance(value, (bool, int, float, str, bytes, torch.dtype, torch.device)):
         return value
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, torch.Tensor):
         value = value.detach()
         return value.item() if value.dim() == 0 else value.cpu()
@@ -223,8 +223,7 @@ def _torch_load(path: Path, map_location: Any, weights_only: bool) -> Any:
         if isinstance(error, FileNotFoundError):
             raise
         raise RuntimeError(
-            f"checkpoint file '{path}' is truncated, corrupt or not a torch checkpoint: "
-            f"{type(error).__name__}: {error}"
+            f"checkpoint file '{path}' is truncated, corrupt or not a torch checkpoint: {type(error).__name__}: {error}"
         ) from error
 
 
@@ -351,4 +350,3 @@ def average_checkpoints(*files: str | os.PathLike) -> OrderedDict[str, torch.Ten
 
 
 average_model_state_dicts = average_checkpoints
-

@@ -180,9 +180,7 @@ class CheckpointManager:
         stale = []
         for entry in self.logdir.iterdir():
             match = self._pattern.match(entry.name)
-            if (match and int(match.group(1)) not in kept) or (
-                TMP_MARK in entry.name and entry.name.startswith(".")
-            ):
+            if (match and int(match.group(1)) not in kept) or (TMP_MARK in entry.name and entry.name.startswith(".")):
                 stale.append(entry)
         remove_durably(stale)
 

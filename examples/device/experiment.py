@@ -62,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default=default_device, help=f"device to train on (default {default_device})")
-    parser.add_argument("--epochs", type=int, default=20, help="total number of epochs; a resumed run continues up to it")
+    parser.add_argument(
+        "--epochs", type=int, default=20, help="total number of epochs; a resumed run continues up to it"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     parser.add_argument("--seed", type=int, default=42)
@@ -186,7 +188,9 @@ class Net(nn.Module):
             return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
 
         self.features = nn.Sequential(block(1, 32), block(32, 64), nn.MaxPool2d(2), block(64, 128))
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(128, num_classes))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(128, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -289,14 +293,22 @@ def main(argv: list[str] | None = None) -> dict:
             train_dataset, args.batch_size, args.num_workers, epoch_order(len(train_dataset), args.seed, epoch)
         )
         train_metrics = train_fn(
-            model, train_loader, device, loss_fn, optimizer, scaler, amp_dtype, args.accum_steps, args.clip_grad_norm, epoch
+            model,
+            train_loader,
+            device,
+            loss_fn,
+            optimizer,
+            scaler,
+            amp_dtype,
+            args.accum_steps,
+            args.clip_grad_norm,
+            epoch,
         )
         valid_metrics = valid_fn(model, valid_loader, device, loss_fn, amp_dtype)
         scheduler.step()
-        logger.info(
-            f"epoch {epoch}/{args.epochs}: train loss {train_metrics['loss']:.4f} accuracy {train_metrics['accuracy']:.4f}"
-            f" | valid loss {valid_metrics['loss']:.4f} accuracy {valid_metrics['accuracy']:.4f}"
-        )
+        train_str = f"train loss {train_metrics['loss']:.4f} accuracy {train_metrics['accuracy']:.4f}"
+        valid_str = f"valid loss {valid_metrics['loss']:.4f} accuracy {valid_metrics['accuracy']:.4f}"
+        logger.info(f"epoch {epoch}/{args.epochs}: {train_str} | {valid_str}")
         tensorboard.add_metric("train", train_metrics, epoch)
         tensorboard.add_metric("valid", valid_metrics, epoch)
         tensorboard.add_scalar("lr", scheduler.get_last_lr()[0], epoch)

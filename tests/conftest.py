@@ -1,0 +1,15 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def root() -> Path:
+    return ROOT
+
+
+def pytest_configure(config):
+    sys.path.insert(0, str(ROOT / "tests"))

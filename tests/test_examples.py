@@ -1,0 +1,132 @@
+"""The examples run as a user runs them: in a subprocess, on CPU, with a temporary logdir."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = ROOT / "examples" / "device" / "experiment.py"
+FAST = ["--device", "cpu", "--batch-size", "128"]
+
+
+def run(args, timeout=240, **kwargs):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, **kwargs
+    )
+
+
+def epochs_recorded(logdir):
+    return [record["epoch"] for record in json.loads((logdir / "checkpoints" / "metrics.json").read_text())["values"]]
+
+
+def test_device_example_one_epoch(tmp_path):
+    logdir = tmp_path / "run"
+    result = run([DEVICE, *FAST, "--epochs", "1", "--logdir", logdir])
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in logdir.iterdir()) == ["checkpoints", "tensorboard", "train.log"]
+    assert sorted(p.name for p in (logdir / "checkpoints").iterdir()) == [
+        "best.pth",
+        "exp_1.pth",
+        "last.pth",
+        "metrics.json",
+    ]
+    assert len(list((logdir / "tensorboard").iterdir())) == 1
+    log = (logdir / "train.log").read_text()
+    assert "epoch 1/1: train loss" in log and "best valid accuracy" in log
+    assert "tensorboard --logdir" in result.stderr
+    checkpoint = torch.load(logdir / "checkpoints" / "best.pth", weights_only=True)
+    assert checkpoint["epoch"] == 1 and {"rng_state", "scaler_state_dict"} <= set(checkpoint)
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--device", "warp9"], "--device"),
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device"),
+        (["--resume", "/no/such/file.pth"], "--resume"),
+        (["--epochs", "-3"], "--epochs"),
+        (["--epochs", "many"], "--epochs"),
+    ],
+)
+def test_bad_flags_one_line_exit_2_nothing_written(tmp_path, args, flag):
+    logdir = tmp_path / "run"
+    result = run([DEVICE, *args, "--logdir", logdir], timeout=60)
+    if args[:2] == ["--device", "cuda:99"]:
+        pytest.skip("a CUDA machine: cuda:99 may be reported later")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and "Traceback" not in result.stderr
+    assert not logdir.exists()
+
+
+def test_existing_logdir_needs_resume_or_force(tmp_path):
+    logdir = tmp_path / "run"
+    assert run([DEVICE, *FAST, "--epochs", "1", "--logdir", logdir]).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in logdir.rglob("*")}
+    result = run([DEVICE, *FAST, "--epochs", "1", "--logdir", logdir], timeout=60)
+    assert result.returncode == 2 and "--resume auto" in result.stderr and "--force" in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in logdir.rglob("*")} == before
+    result = run([DEVICE, *FAST, "--epochs", "1", "--logdir", logdir, "-f"])
+    assert result.returncode == 0 and epochs_recorded(logdir) == [1]
+
+
+def start_and_kill(args, logdir, min_epochs):
+    """Start the example, ``kill -9`` it once ``min_epochs`` epochs are recorded; return those epochs."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    process = subprocess.Popen(
+        [sys.executable, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
+    metrics = logdir / "checkpoints" / "metrics.json"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if metrics.exists() and len(epochs_recorded(logdir)) >= min_epochs:
+                break
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    return epochs_recorded(logdir)
+
+
+def test_resume_after_kill_continues_from_last_finished_epoch(tmp_path):
+    logdir = tmp_path / "run"
+    args = [DEVICE, *FAST, "--save-n-best", "2", "--logdir", logdir]
+    done = start_and_kill([*args, "--epochs", "200"], logdir, min_epochs=3)
+    assert len(done) >= 3
+    last = torch.load(logdir / "checkpoints" / "last.pth", weights_only=True)["epoch"]
+    assert last == done[-1]
+    result = run([*args, "--epochs", str(last + 2), "--resume", "auto"])
+    assert result.returncode == 0, result.stderr
+    assert f"continuing at epoch {last + 1}" in result.stderr
+    assert epochs_recorded(logdir) == list(range(1, last + 3))
+    values = json.loads((logdir / "checkpoints" / "metrics.json").read_text())["values"]
+    ranked = sorted(values, key=lambda r: (-r["accuracy"], -r["epoch"]))
+    numbered = sorted(int(p.stem.split("_")[1]) for p in (logdir / "checkpoints").glob("exp_*.pth"))
+    assert numbered == sorted(r["epoch"] for r in ranked[:2])
+    assert torch.load(logdir / "checkpoints" / "best.pth", weights_only=True)["epoch"] == ranked[0]["epoch"]
+
+
+def test_killed_and_resumed_run_is_bitwise_the_uninterrupted_one(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = [DEVICE, *FAST, "--num-workers", "2", "--epochs", "4"]
+    assert run([*common, "--logdir", straight]).returncode == 0
+    start_and_kill([*common, "--logdir", resumed], resumed, min_epochs=2)
+    result = run([*common, "--logdir", resumed, "--resume", "auto"])
+    assert result.returncode == 0, result.stderr
+    a = torch.load(straight / "checkpoints" / "last.pth", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.pth", weights_only=True)
+    for key, value in a["model_state_dict"].items():
+        assert torch.equal(value, b["model_state_dict"][key]), key
+    assert (
+        json.loads((straight / "checkpoints" / "metrics.json").read_text())["values"]
+        == json.loads((resumed / "checkpoints" / "metrics.json").read_text())["values"]
+    )

@@ -1,0 +1,79 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from batteries import AverageMeter, AverageMetter
+
+
+def test_weighted_average():
+    meter = AverageMeter()
+    meter.update(1.0, n=2)
+    meter.update(4.0, n=1)
+    assert meter.average == pytest.approx(2.0)
+    assert meter.sum == pytest.approx(6.0) and meter.count == 3 and meter.value == 4.0
+
+
+def test_empty_and_n_zero():
+    meter = AverageMeter()
+    assert math.isnan(meter.average) and meter.count == 0
+    meter.update(5.0, n=0)
+    assert meter.count == 0 and math.isnan(meter.average) and meter.value == 5.0
+    meter.update(3.0, n=2)
+    assert meter.average == 3.0
+
+
+def test_tensor_and_numpy_values_match_floats():
+    rng = np.random.default_rng(0)
+    values = rng.random(20)
+    sizes = rng.integers(1, 9, size=20)
+    floats, tensors, numpys = AverageMeter(), AverageMeter(), AverageMeter()
+    for value, n in zip(values, sizes):
+        floats.update(float(value), int(n))
+        tensors.update(torch.tensor(value, dtype=torch.float32), int(n))
+        numpys.update(np.float32(value), int(n))
+    expected = float(np.sum(values * sizes) / np.sum(sizes))
+    assert floats.average == pytest.approx(expected)
+    assert tensors.average == pytest.approx(expected, rel=1e-6)
+    assert numpys.average == pytest.approx(expected, rel=1e-6)
+
+
+def test_tensor_update_stays_on_device_without_sync():
+    meter = AverageMeter()
+    meter.update(torch.tensor(2.0, device="meta"))  # .item() on a meta tensor would raise
+    assert isinstance(meter._sum, torch.Tensor) and meter._sum.is_meta
+
+
+def test_reset():
+    meter = AverageMeter()
+    meter.update(3.0)
+    meter.reset()
+    assert meter.count == 0 and meter.sum == 0.0
+
+
+@pytest.mark.parametrize(
+    ("value", "n", "error", "match"),
+    [
+        (1.0, -1, ValueError, "n must be"),
+        (1.0, float("inf"), ValueError, "n must be"),
+        ("1", 1, TypeError, "value must be"),
+        (torch.zeros(2), 1, ValueError, "one element"),
+    ],
+)
+def test_bad_input(value, n, error, match):
+    with pytest.raises(error, match=match):
+        AverageMeter().update(value, n)
+
+
+def test_seed_spelling_alias():
+    meter = AverageMetter()
+    meter.update(2.0, 4)
+    assert meter.counter == 4 and meter.average == 2.0
+
+
+def test_all_reduce_single_process_is_a_copy():
+    meter = AverageMeter()
+    meter.update(torch.tensor(3.0), 2)
+    reduced = meter.all_reduce()
+    assert reduced is not meter and reduced.average == 3.0 and reduced.count == 2
