@@ -29,6 +29,7 @@ __all__ = [
     "sreduce",
     "mreduce",
     "zero_rank_first",
+    "broadcast_buffers",
     "DistributedEvalSampler",
     "init_distributed",
     "cleanup_distributed",
@@ -142,6 +143,23 @@ def mreduce(tensor: torch.Tensor, num: int) -> torch.Tensor:
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise ValueError(f"num must be a positive int, got {num!r}")
     return sreduce(tensor) / num
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy ``src``'s buffers (e.g. BatchNorm running statistics) to every rank, in place.
+
+    Without SyncBatchNorm each rank updates its running statistics from its own batches, so after
+    training the ranks evaluate slightly different models. Call this before a distributed
+    evaluation so every rank evaluates the model that rank ``src`` saves. No-op in one process.
+
+    Args:
+        module: the (unwrapped) model.
+        src: the rank whose buffers win. Default 0.
+    """
+    if not is_initialized() or dist.get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=src)
 
 
 @contextlib.contextmanager

@@ -43,3 +43,140 @@ def test_eval_sampler_covers_every_sample_once(size, world):
 def test_eval_sampler_bad_rank():
     with pytest.raises(ValueError, match="rank"):
         distributed.DistributedEvalSampler([1, 2], num_replicas=2, rank=2)
+
+
+# ---------------------------------------------------------------- several gloo processes
+# Starting processes costs seconds, so one spawn per world size runs every check and the tests
+# below read its results.
+import time  # noqa: E402
+
+from spawn import run_workers  # noqa: E402
+
+from batteries import AverageMeter  # noqa: E402
+
+
+def all_checks(rank, world_size, order_file):
+    results = {}
+    # all_gather: tensors, strings and dicts of different sizes on every rank
+    tensor = torch.arange(rank + 1, dtype=torch.float32)
+    results["tensors"] = [t.tolist() for t in distributed.all_gather(tensor)]
+    results["texts"] = [len(t) for t in distributed.all_gather("x" * (rank * 1000 + 1))]
+    results["dicts"] = [d["items"] for d in distributed.all_gather({"rank": rank, "items": list(range(rank * 3))})]
+    # sreduce / mreduce leave their input alone
+    value = torch.tensor([float(rank), 1.0])
+    results["sum"] = distributed.sreduce(value).tolist()
+    results["mean"] = distributed.mreduce(value, world_size).tolist()
+    results["input"] = value.tolist()
+    results["rank"] = (distributed.get_rank(), distributed.get_world_size(), distributed.is_main_process())
+    # a meter reduced over ranks that saw different numbers of batches
+    meter = AverageMeter()
+    for step in range(rank + 1):
+        meter.update(torch.tensor(float(rank * 10 + step)), n=2)
+    reduced = meter.all_reduce()
+    results["meter"] = (reduced.average, reduced.count, meter.count)
+    # zero_rank_first: rank 0's body ends before any other starts
+    with distributed.zero_rank_first():
+        if rank == 0:
+            time.sleep(0.3)
+        with open(order_file, "a") as file:
+            file.write(f"{rank}\n")
+    # the evaluation sampler with len(dataset) % world_size != 0
+    size = 3 * world_size + 1
+    results["shards"] = distributed.all_gather(list(distributed.DistributedEvalSampler(list(range(size)))))
+    # broadcast_buffers: every rank ends with rank 0's running statistics
+    module = torch.nn.BatchNorm1d(2)
+    module.running_mean.fill_(float(rank + 1))
+    distributed.broadcast_buffers(module)
+    results["buffers"] = module.running_mean.tolist()
+    return results
+
+
+_CACHE = {}
+
+
+@pytest.fixture(params=[2, 3], ids=lambda n: f"world{n}")
+def world(request, tmp_path_factory):
+    world_size = request.param
+    if world_size not in _CACHE:
+        order_file = tmp_path_factory.mktemp("order") / "order.txt"
+        results = run_workers(all_checks, world_size, str(order_file))
+        _CACHE[world_size] = (results, order_file.read_text().split())
+    return world_size, *_CACHE[world_size]
+
+
+def test_rank_helpers_under_a_process_group(world):
+    world_size, results, _ = world
+    assert [r["rank"] for r in results] == [(rank, world_size, rank == 0) for rank in range(world_size)]
+
+
+def test_all_gather_tensors_strings_dicts(world):
+    world_size, results, _ = world
+    for result in results:
+        assert result["tensors"] == [list(map(float, range(r + 1))) for r in range(world_size)]
+        assert result["texts"] == [r * 1000 + 1 for r in range(world_size)]
+        assert result["dicts"] == [list(range(r * 3)) for r in range(world_size)]
+
+
+def test_sreduce_mreduce(world):
+    world_size, results, _ = world
+    for rank, result in enumerate(results):
+        assert result["sum"] == [float(sum(range(world_size))), float(world_size)]
+        assert result["mean"] == pytest.approx([sum(range(world_size)) / world_size, 1.0])
+        assert result["input"] == [float(rank), 1.0]
+
+
+def test_meter_all_reduce_equals_single_process_mean(world):
+    world_size, results, _ = world
+    values = [rank * 10 + step for rank in range(world_size) for step in range(rank + 1)]
+    for rank, result in enumerate(results):
+        average, count, local_count = result["meter"]
+        assert average == pytest.approx(sum(values) / len(values))
+        assert count == 2 * len(values) and local_count == 2 * (rank + 1)
+
+
+def test_zero_rank_first_order(world):
+    world_size, _, order = world
+    assert order[0] == "0" and sorted(order) == [str(r) for r in range(world_size)]
+
+
+def test_eval_sampler_every_sample_once(world):
+    world_size, results, _ = world
+    shards = results[0]["shards"]
+    assert len(shards) == world_size
+    assert sorted(i for shard in shards for i in shard) == list(range(3 * world_size + 1))
+
+
+def test_broadcast_buffers(world):
+    world_size, results, _ = world
+    assert [r["buffers"] for r in results] == [[1.0, 1.0]] * world_size
+
+
+def first_rank_raises(rank, world_size):
+    try:
+        with distributed.zero_rank_first():
+            if rank == 0:
+                raise OSError("download failed")
+    except OSError as error:
+        return f"own: {error}"
+    except RuntimeError as error:
+        return f"told: {error}"
+    return "ran"
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_zero_rank_first_raise_does_not_hang_the_others(world_size):
+    results = run_workers(first_rank_raises, world_size, timeout_s=30)
+    assert results[0] == "own: download failed"
+    for result in results[1:]:
+        assert result.startswith("told:") and "download failed" in result
+
+
+def failing(rank, world_size):
+    if rank == 1:
+        raise ValueError("boom on rank 1")
+    return rank
+
+
+def test_spawn_helper_reraises_worker_failure():
+    with pytest.raises(RuntimeError, match="boom on rank 1"):
+        run_workers(failing, 2, timeout_s=30)

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from spawn import free_port
+
+from batteries import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = ROOT / "examples" / "device" / "experiment.py"
@@ -130,3 +133,138 @@ def test_killed_and_resumed_run_is_bitwise_the_uninterrupted_one(tmp_path):
         json.loads((straight / "checkpoints" / "metrics.json").read_text())["values"]
         == json.loads((resumed / "checkpoints" / "metrics.json").read_text())["values"]
     )
+
+
+# ------------------------------------------------------------------------------ dp and ddp
+DP = ROOT / "examples" / "dp" / "experiment.py"
+DDP = ROOT / "examples" / "ddp" / "experiment.py"
+
+
+def load_example(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"example_{path.parent.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_one_run(logdir):
+    """Exactly one metrics.json, one log file and one TensorBoard run: only rank 0 wrote."""
+    assert sorted(p.name for p in logdir.iterdir()) == ["checkpoints", "tensorboard", "train.log"]
+    assert [p.name for p in logdir.rglob("*.json")] == ["metrics.json"]
+    assert len(list((logdir / "tensorboard").iterdir())) == 1
+    assert len(list(logdir.rglob("*.log"))) == 1
+
+
+def single_process_accuracy(path):
+    """A plain evaluation of ``path`` on the whole validation set, in this process."""
+    example = load_example(DDP)
+    _, valid_dataset = example.get_datasets(seed=42)
+    model = example.Net()
+    load_checkpoint(path, model, verbose=False)
+    return example.single_process_eval(
+        model, valid_dataset, 128, torch.device("cpu"), torch.nn.CrossEntropyLoss(), None
+    )
+
+
+def test_dp_example_one_epoch(tmp_path):
+    logdir = tmp_path / "run"
+    result = run([DP, *FAST, "--epochs", "1", "--logdir", logdir])
+    assert result.returncode == 0, result.stderr
+    assert "No GPU: training on the CPU" in result.stderr or torch.cuda.is_available()
+    assert_one_run(logdir)
+
+
+TORCHRUN = ["-m", "torch.distributed.run"]  # `torchrun`; run() puts sys.executable in front
+LAUNCH = ["-m", "torch.distributed.launch"]
+
+
+@pytest.mark.parametrize(
+    ("launcher", "world_size", "extra"),
+    [
+        (TORCHRUN + ["--nproc_per_node=2"], 2, ["--accum-steps", "2"]),
+        (LAUNCH + ["--nproc_per_node=2"], 2, []),
+        (TORCHRUN + ["--nproc_per_node=3"], 3, []),
+        ([], 1, []),
+    ],
+    ids=["torchrun-2", "launch-2", "torchrun-3", "python-1"],
+)
+def test_ddp_example_runs_and_reports_exact_single_process_accuracy(tmp_path, launcher, world_size, extra):
+    logdir = tmp_path / "run"
+    port = ["--master_port", str(free_port())] if launcher else []
+    command = [*launcher[:2], *port, *launcher[2:], DDP, *FAST, "--epochs", "2", "--logdir", logdir, *extra]
+    result = run(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"World size {world_size}" in (logdir / "train.log").read_text()
+    assert_one_run(logdir)
+    best = max(
+        json.loads((logdir / "checkpoints" / "metrics.json").read_text())["values"],
+        key=lambda r: (r["accuracy"], r["epoch"]),
+    )
+    assert single_process_accuracy(logdir / "checkpoints" / "best.pth")["accuracy"] == best["accuracy"]
+
+
+def test_ddp_example_two_nodes_c10d_rendezvous(tmp_path):
+    logdir = tmp_path / "run"
+    endpoint = f"127.0.0.1:{free_port()}"
+    command = [
+        sys.executable,
+        *TORCHRUN,
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        "--rdzv-id=two-nodes",
+        DDP,
+        *FAST,
+        "--epochs",
+        "1",
+        "--logdir",
+        logdir,
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    nodes = [
+        subprocess.Popen(list(map(str, command)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for _ in range(2)
+    ]
+    try:
+        outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert "World size 2" in (logdir / "train.log").read_text()
+    assert_one_run(logdir)
+
+
+def test_ddp_killed_and_resumed_under_torchrun(tmp_path):
+    logdir = tmp_path / "run"
+    command = [*TORCHRUN, "--nproc_per_node=2", "--master_port", str(free_port()), DDP, *FAST, "--logdir", logdir]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    agent = subprocess.Popen(
+        [sys.executable, *map(str, command), "--epochs", "100"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,  # its own process group: kill -9 reaches the agent and both workers
+    )
+    metrics = logdir / "checkpoints" / "metrics.json"
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and agent.poll() is None:
+            if metrics.exists() and len(epochs_recorded(logdir)) >= 2:
+                break
+            time.sleep(0.02)
+    finally:
+        os.killpg(agent.pid, signal.SIGKILL)
+        agent.wait()
+    done = epochs_recorded(logdir)
+    assert len(done) >= 2
+    last = torch.load(logdir / "checkpoints" / "last.pth", weights_only=True)["epoch"]
+    command[4] = str(free_port())  # a fresh rendezvous port
+    result = run([*command, "--epochs", str(last + 1), "--resume", "auto"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (logdir / "train.log").read_text()
+    assert f"continuing at epoch {last + 1}" in log
+    assert epochs_recorded(logdir) == list(range(1, last + 2))

@@ -1,0 +1,79 @@
+"""Run a function in N gloo processes on loopback; re-raise worker failures; never hang.
+
+``run_workers(fn, world_size, *args)`` starts ``world_size`` spawned processes, each with a
+process group (gloo, ``tcp://127.0.0.1:<free port>``), calls ``fn(rank, world_size, *args)`` and
+returns the results ordered by rank. A worker's exception is re-raised in the parent with the
+worker's traceback; a run that exceeds ``timeout_s`` kills every worker and fails.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import socket
+import traceback
+from typing import Any, Callable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(fn, rank, world_size, port, args, results, timeout_s):
+    import torch.distributed as dist
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        try:
+            # plain pickle copies tensors; multiprocessing would share them through a socket of this
+            # process, which may have exited by the time the parent reads the queue
+            results.put((rank, True, pickle.dumps(fn(rank, world_size, *args))))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+
+
+def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 60.0) -> list[Any]:
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [
+        context.Process(target=_worker, args=(fn, rank, world_size, port, args, results, timeout_s), daemon=True)
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    collected: dict[int, Any] = {}
+    failures: list[str] = []
+    try:
+        while len(collected) + len(failures) < world_size:
+            try:
+                rank, ok, value = results.get(timeout=timeout_s)
+            except queue.Empty:
+                raise TimeoutError(f"workers did not finish within {timeout_s} s") from None
+            if ok:
+                collected[rank] = pickle.loads(value)
+            else:
+                failures.append(f"rank {rank} failed:\n{value}")
+    finally:
+        for process in processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    if failures:
+        raise RuntimeError("\n".join(failures))
+    return [collected[rank] for rank in range(world_size)]
