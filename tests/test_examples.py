@@ -1,5 +1,6 @@
 """The examples run as a user runs them: in a subprocess, on CPU, with a temporary logdir."""
 
+import contextlib
 import json
 import os
 import signal
@@ -238,6 +239,24 @@ def test_ddp_example_two_nodes_c10d_rendezvous(tmp_path):
     assert_one_run(logdir)
 
 
+def descendants(pid):
+    """Every process below ``pid``, from /proc (torchrun starts its workers in sessions of their own)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find torchrun's workers")
 def test_ddp_killed_and_resumed_under_torchrun(tmp_path):
     logdir = tmp_path / "run"
     command = [*TORCHRUN, "--nproc_per_node=2", "--master_port", str(free_port()), DDP, *FAST, "--logdir", logdir]
@@ -247,7 +266,6 @@ def test_ddp_killed_and_resumed_under_torchrun(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,
-        start_new_session=True,  # its own process group: kill -9 reaches the agent and both workers
     )
     metrics = logdir / "checkpoints" / "metrics.json"
     deadline = time.monotonic() + 180
@@ -257,7 +275,9 @@ def test_ddp_killed_and_resumed_under_torchrun(tmp_path):
                 break
             time.sleep(0.02)
     finally:
-        os.killpg(agent.pid, signal.SIGKILL)
+        for pid in [agent.pid, *descendants(agent.pid)]:  # kill -9 the agent and both workers at once
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         agent.wait()
     done = epochs_recorded(logdir)
     assert len(done) >= 2
