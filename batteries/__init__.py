@@ -5,6 +5,8 @@ from batteries.checkpoint import (
     average_model_state_dicts,
     load_checkpoint,
     make_checkpoint,
+    make_training_state,
+    restore_training_state,
     save_checkpoint,
     unwrap_model,
 )
@@ -32,6 +34,8 @@ __all__ = [
     "get_rng_state",
     "load_checkpoint",
     "make_checkpoint",
+    "make_training_state",
+    "restore_training_state",
     "save_checkpoint",
     "seed_all",
     "set_rng_state",

@@ -231,6 +231,8 @@ class CheckpointManager:
             self._write_metrics()  # the commit point
         except BaseException:
             self.values = previous
+            if all(old["epoch"] != epoch for old in previous):
+                remove_durably([path])  # not recorded: leave no orphan behind
             raise
         atomic_link(path, self.logdir / "last.pth")
         best_epoch = self.best_epoch
@@ -240,6 +242,23 @@ class CheckpointManager:
         epochs = {old["epoch"] for old in previous} | {epoch}
         remove_durably([self._path(old) for old in sorted(epochs - kept)])
         return path
+
+    def rewind(self, epoch: int) -> None:
+        """Forget the records after ``epoch`` (a run resumed from that epoch's checkpoint).
+
+        Rewrites the metrics file crash-safely, points ``best.pth`` / ``last.pth`` at the remaining
+        history and deletes the numbered files of the forgotten epochs. A no-op when nothing is newer.
+
+        Raises:
+            ValueError: if ``epoch`` is not an int >= 0.
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        if all(record["epoch"] <= epoch for record in self.values):
+            return
+        self.values = [record for record in self.values if record["epoch"] <= epoch]
+        self._write_metrics()
+        self._repair()
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -119,6 +119,23 @@ class AverageMeter:
         reduced.count = totals[1].item()
         return reduced
 
+    def state_dict(self) -> dict[str, Any]:
+        """The running sums, as stored (tensors stay tensors, so a restored meter continues bit-exactly)."""
+        return {"value": self._value, "sum": self._sum, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`.
+
+        Raises:
+            KeyError: if ``state`` lacks ``"sum"`` or ``"count"``.
+        """
+        missing = [key for key in ("sum", "count") if key not in state]
+        if missing:
+            raise KeyError(f"AverageMeter state is missing {missing}")
+        self._value = state.get("value", math.nan)
+        self._sum = state["sum"]
+        self.count = state["count"]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(average={self.average:.6g}, count={self.count})"
 

@@ -180,3 +180,100 @@ def test_average_checkpoints_errors(tmp_path):
     save_checkpoint(make_checkpoint("s", 0, nn.Linear(4, 3)), tmp_path, "b.pth")
     with pytest.raises(ValueError, match="different keys"):
         average_checkpoints(tmp_path / "a.pth", tmp_path / "b.pth")
+
+
+# ---------------------------------------------------------------- full training state
+from batteries import EMA, EarlyStopIndicator, make_training_state, restore_training_state, set_rng_state  # noqa: E402
+
+
+def training_setup(seed):
+    torch.manual_seed(seed)
+    model = make_model(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    ema = EMA(model, decay=0.5)
+    early_stop = EarlyStopIndicator(patience=3)
+    return model, optimizer, scheduler, scaler, ema, early_stop
+
+
+def step(model, optimizer, scheduler, ema, early_stop):
+    model.train()
+    loss = model(torch.randn(6, 4)).square().mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    scheduler.step()
+    ema.update(model)
+    early_stop(loss.item())
+
+
+def test_training_state_round_trip_is_bit_exact(tmp_path):
+    import random as pyrandom
+
+    model, optimizer, scheduler, scaler, ema, early_stop = training_setup(0)
+    for _ in range(3):
+        step(model, optimizer, scheduler, ema, early_stop)
+    state = make_training_state(
+        model,
+        epoch=3,
+        step=3,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        ema=ema,
+        early_stop=early_stop,
+        note=np.float32(1.5),
+    )
+    save_checkpoint(state, tmp_path, "state.pth")
+    expected_draws = (pyrandom.random(), np.random.rand(), torch.rand(()).item())
+    set_rng_state(state["rng_states"][0])  # undo the draws: the reference continues from the save
+    for _ in range(2):  # the reference continues
+        step(model, optimizer, scheduler, ema, early_stop)
+
+    fresh = training_setup(1)
+    loaded = restore_training_state(
+        tmp_path / "state.pth",
+        fresh[0],
+        optimizer=fresh[1],
+        scheduler=fresh[2],
+        scaler=fresh[3],
+        ema=fresh[4],
+        early_stop=fresh[5],
+    )
+    assert loaded["epoch"] == 3 and loaded["step"] == 3 and loaded["note"] == 1.5
+    assert (pyrandom.random(), np.random.rand(), torch.rand(()).item()) == expected_draws
+    set_state = restore_training_state(
+        tmp_path / "state.pth", fresh[0], optimizer=fresh[1], scheduler=fresh[2], ema=fresh[4], early_stop=fresh[5]
+    )
+    assert set_state["epoch"] == 3
+    for _ in range(2):
+        step(fresh[0], fresh[1], fresh[2], fresh[4], fresh[5])
+    for a, b in zip(model.state_dict().values(), fresh[0].state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(ema.state_dict().values(), fresh[4].state_dict().values()):
+        assert torch.equal(a, b)
+    assert fresh[5].state_dict() == early_stop.state_dict()
+    assert fresh[2].state_dict() == scheduler.state_dict()
+
+
+def test_restore_names_every_missing_part(tmp_path):
+    model, optimizer, scheduler, scaler, ema, early_stop = training_setup(0)
+    state = make_training_state(model, epoch=1, optimizer=optimizer)
+    with pytest.raises(KeyError, match="scheduler_state_dict, ema_state_dict, early_stop_state_dict"):
+        restore_training_state(state, model, optimizer=optimizer, scheduler=scheduler, ema=ema, early_stop=early_stop)
+    plain = make_checkpoint("s", 1, model)
+    with pytest.raises(KeyError, match="rng_states"):
+        restore_training_state(plain, model)
+
+
+def test_restore_with_other_world_size_warns(tmp_path):
+    model = make_model()
+    state = make_training_state(model, epoch=1, rng_states=[{}, {}])
+    with pytest.warns(UserWarning, match="2 rank"):
+        restore_training_state(state, model)
+
+
+def test_training_state_bad_step():
+    with pytest.raises(ValueError, match="step"):
+        make_training_state(make_model(), epoch=1, step=-1)

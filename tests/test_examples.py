@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def test_device_example_one_epoch(tmp_path):
     assert "epoch 1/1: train loss" in log and "best valid accuracy" in log
     assert "tensorboard --logdir" in result.stderr
     checkpoint = torch.load(logdir / "checkpoints" / "best.pth", weights_only=True)
-    assert checkpoint["epoch"] == 1 and {"rng_state", "scaler_state_dict"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 1 and {"rng_states", "scaler_state_dict", "step", "batches_done"} <= set(checkpoint)
 
 
 @pytest.mark.parametrize(
@@ -80,60 +81,6 @@ def test_existing_logdir_needs_resume_or_force(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in logdir.rglob("*")} == before
     result = run([DEVICE, *FAST, "--epochs", "1", "--logdir", logdir, "-f"])
     assert result.returncode == 0 and epochs_recorded(logdir) == [1]
-
-
-def start_and_kill(args, logdir, min_epochs):
-    """Start the example, ``kill -9`` it once ``min_epochs`` epochs are recorded; return those epochs."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    process = subprocess.Popen(
-        [sys.executable, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
-    )
-    metrics = logdir / "checkpoints" / "metrics.json"
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            if metrics.exists() and len(epochs_recorded(logdir)) >= min_epochs:
-                break
-            time.sleep(0.02)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    return epochs_recorded(logdir)
-
-
-def test_resume_after_kill_continues_from_last_finished_epoch(tmp_path):
-    logdir = tmp_path / "run"
-    args = [DEVICE, *FAST, "--save-n-best", "2", "--logdir", logdir]
-    done = start_and_kill([*args, "--epochs", "200"], logdir, min_epochs=3)
-    assert len(done) >= 3
-    last = torch.load(logdir / "checkpoints" / "last.pth", weights_only=True)["epoch"]
-    assert last == done[-1]
-    result = run([*args, "--epochs", str(last + 2), "--resume", "auto"])
-    assert result.returncode == 0, result.stderr
-    assert f"continuing at epoch {last + 1}" in result.stderr
-    assert epochs_recorded(logdir) == list(range(1, last + 3))
-    values = json.loads((logdir / "checkpoints" / "metrics.json").read_text())["values"]
-    ranked = sorted(values, key=lambda r: (-r["accuracy"], -r["epoch"]))
-    numbered = sorted(int(p.stem.split("_")[1]) for p in (logdir / "checkpoints").glob("exp_*.pth"))
-    assert numbered == sorted(r["epoch"] for r in ranked[:2])
-    assert torch.load(logdir / "checkpoints" / "best.pth", weights_only=True)["epoch"] == ranked[0]["epoch"]
-
-
-def test_killed_and_resumed_run_is_bitwise_the_uninterrupted_one(tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = [DEVICE, *FAST, "--num-workers", "2", "--epochs", "4"]
-    assert run([*common, "--logdir", straight]).returncode == 0
-    start_and_kill([*common, "--logdir", resumed], resumed, min_epochs=2)
-    result = run([*common, "--logdir", resumed, "--resume", "auto"])
-    assert result.returncode == 0, result.stderr
-    a = torch.load(straight / "checkpoints" / "last.pth", weights_only=True)
-    b = torch.load(resumed / "checkpoints" / "last.pth", weights_only=True)
-    for key, value in a["model_state_dict"].items():
-        assert torch.equal(value, b["model_state_dict"][key]), key
-    assert (
-        json.loads((straight / "checkpoints" / "metrics.json").read_text())["values"]
-        == json.loads((resumed / "checkpoints" / "metrics.json").read_text())["values"]
-    )
 
 
 # ------------------------------------------------------------------------------ dp and ddp
@@ -256,35 +203,98 @@ def descendants(pid):
     return found
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find torchrun's workers")
-def test_ddp_killed_and_resumed_under_torchrun(tmp_path):
-    logdir = tmp_path / "run"
-    command = [*TORCHRUN, "--nproc_per_node=2", "--master_port", str(free_port()), DDP, *FAST, "--logdir", logdir]
+def kill_9_when(command, ready, timeout_s=180):
+    """Start ``command``; ``kill -9`` it and every process below it as soon as ``ready()`` holds."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    agent = subprocess.Popen(
-        [sys.executable, *map(str, command), "--epochs", "100"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
+    process = subprocess.Popen(
+        [sys.executable, *map(str, command)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
     )
-    metrics = logdir / "checkpoints" / "metrics.json"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + timeout_s
     try:
-        while time.monotonic() < deadline and agent.poll() is None:
-            if metrics.exists() and len(epochs_recorded(logdir)) >= 2:
-                break
-            time.sleep(0.02)
+        while time.monotonic() < deadline and process.poll() is None and not ready():
+            time.sleep(0.01)
     finally:
-        for pid in [agent.pid, *descendants(agent.pid)]:  # kill -9 the agent and both workers at once
+        for pid in [process.pid, *descendants(process.pid)]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        agent.wait()
-    done = epochs_recorded(logdir)
-    assert len(done) >= 2
-    last = torch.load(logdir / "checkpoints" / "last.pth", weights_only=True)["epoch"]
-    command[4] = str(free_port())  # a fresh rendezvous port
-    result = run([*command, "--epochs", str(last + 1), "--resume", "auto"])
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it was killed"
+
+
+def position(path):
+    """(last finished epoch, batches of the next epoch done) of a checkpoint, or None."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception:  # not there yet (or being replaced right now)
+        return None
+    return state["epoch"], state.get("batches_done", 0)
+
+
+RESUME_ARGS = ["--device", "cpu", "--batch-size", "128", "--num-workers", "2", "--epochs", "3", "--save-n-best", "2"]
+LAUNCHERS = {"device": [DEVICE], "ddp": [*TORCHRUN, "--nproc_per_node=2", "--master_port", "PORT", DDP]}
+_STRAIGHT = {}
+
+
+def launch(example, *args):
+    command = [str(free_port()) if part == "PORT" else part for part in LAUNCHERS[example]]
+    return [*command, *RESUME_ARGS, *args]
+
+
+@pytest.fixture
+def straight_run(tmp_path_factory):
+    """The uninterrupted run of an example, once per example."""
+
+    def get(example):
+        if example not in _STRAIGHT:
+            logdir = tmp_path_factory.mktemp(f"straight-{example}") / "run"
+            result = run(launch(example, "--logdir", logdir))
+            assert result.returncode == 0, result.stderr[-3000:]
+            _STRAIGHT[example] = logdir
+        return _STRAIGHT[example]
+
+    return get
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find a launcher's workers")
+@pytest.mark.parametrize("mode", ["epoch", "mid-epoch"])
+@pytest.mark.parametrize("example", ["device", "ddp"])
+def test_kill_9_and_resume_is_bitwise_the_uninterrupted_run(tmp_path, straight_run, example, mode):
+    """Dropout, shuffling, random augmentation and 2 DataLoader workers; killed, then --resume auto."""
+    logdir = tmp_path / "run"
+    checkpoints = logdir / "checkpoints"
+    if mode == "epoch":  # killed at a random instant after epoch 1; resumes from last.pth
+        extra = []
+
+        def ready():
+            return position(checkpoints / "last.pth") is not None
+    else:  # killed right after a mid-epoch checkpoint; resumes from step.pth
+        extra = ["--save-every-steps", "2"]
+
+        def ready():
+            last, step = position(checkpoints / "last.pth"), position(checkpoints / "step.pth")
+            return last is not None and step is not None and step > last
+
+    kill_9_when(launch(example, "--logdir", logdir, *extra), ready)
+    result = run(launch(example, "--logdir", logdir, "--resume", "auto", *extra))
     assert result.returncode == 0, result.stderr[-3000:]
     log = (logdir / "train.log").read_text()
-    assert f"continuing at epoch {last + 1}" in log
-    assert epochs_recorded(logdir) == list(range(1, last + 2))
+    resumed_from = re.search(
+        r"Resumed from '.*/(\w+\.pth)' \(epoch (\d+) finished\); continuing at epoch (\d+), batch (\d+)", log
+    )
+    assert resumed_from, log[-2000:]
+    name, finished, epoch, batch = resumed_from.groups()
+    assert int(epoch) == int(finished) + 1
+    if mode == "mid-epoch":
+        assert name == "step.pth" and int(batch) > 1
+
+    straight = straight_run(example)
+    a = torch.load(straight / "checkpoints" / "last.pth", weights_only=True)
+    b = torch.load(checkpoints / "last.pth", weights_only=True)
+    for key, value in a["model_state_dict"].items():
+        assert torch.equal(value, b["model_state_dict"][key]), key
+    values = json.loads((checkpoints / "metrics.json").read_text())["values"]
+    assert values == json.loads((straight / "checkpoints" / "metrics.json").read_text())["values"]
+    ranked = sorted(values, key=lambda r: (-r["accuracy"], -r["epoch"]))
+    numbered = sorted(int(p.stem.split("_")[1]) for p in checkpoints.glob("exp_*.pth"))
+    assert numbered == sorted(r["epoch"] for r in ranked[:2])
+    assert torch.load(checkpoints / "best.pth", weights_only=True)["epoch"] == ranked[0]["epoch"]

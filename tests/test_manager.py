@@ -178,3 +178,16 @@ def test_bad_scores_raise_before_writing(tmp_path):
     with pytest.raises(ValueError, match="epoch"):
         manager.process(score=0.5, epoch=-1, checkpoint=checkpoint(1))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_rewind_forgets_later_epochs(tmp_path):
+    manager = CheckpointManager(tmp_path, save_n_best=2)
+    for epoch, score in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 0.5)]:
+        manager.process(score=score, epoch=epoch, checkpoint=checkpoint(epoch))
+    manager.rewind(2)
+    assert [v["epoch"] for v in manager.values] == [1, 2]
+    assert [v["epoch"] for v in json.loads((tmp_path / "metrics.json").read_text())["values"]] == [1, 2]
+    assert numbered(tmp_path) == [2]  # epoch 4's file goes; epoch 1's was deleted before and stays gone
+    assert saved_epoch(tmp_path / "best.pth") == 2 and saved_epoch(tmp_path / "last.pth") == 2
+    with pytest.raises(ValueError, match="epoch"):
+        manager.rewind(-1)

@@ -77,3 +77,20 @@ def test_all_reduce_single_process_is_a_copy():
     meter.update(torch.tensor(3.0), 2)
     reduced = meter.all_reduce()
     assert reduced is not meter and reduced.average == 3.0 and reduced.count == 2
+
+
+def test_state_dict_continues_bit_exactly(tmp_path):
+    values = torch.rand(10, dtype=torch.float32)
+    reference, first = AverageMeter(), AverageMeter()
+    for value in values:
+        reference.update(value, 3)
+    for value in values[:4]:
+        first.update(value, 3)
+    torch.save(first.state_dict(), tmp_path / "meter.pth")
+    resumed = AverageMeter()
+    resumed.load_state_dict(torch.load(tmp_path / "meter.pth", weights_only=True))
+    for value in values[4:]:
+        resumed.update(value, 3)
+    assert resumed.average == reference.average and resumed.count == reference.count
+    with pytest.raises(KeyError, match="sum"):
+        AverageMeter().load_state_dict({"count": 1})

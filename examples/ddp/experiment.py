@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import shutil
 import sys
@@ -43,9 +44,10 @@ from batteries import (
     get_logger,
     get_rng_state,
     load_checkpoint,
-    make_checkpoint,
+    make_training_state,
+    restore_training_state,
+    save_checkpoint,
     seed_all,
-    set_rng_state,
     t2d,
 )
 from batteries.distributed import (
@@ -67,6 +69,7 @@ MAIN_METRIC = "accuracy"  # validation accuracy decides the best checkpoint
 MINIMIZE_METRIC = False
 SPLIT_SEED = 0  # the train / validation split never changes, whatever --seed is
 OUTPUTS = ("checkpoints", "tensorboard", "train.log")
+STEP_CHECKPOINT = "step.pth"  # the mid-epoch checkpoint of --save-every-steps, replaced each time
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -95,7 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--amp", action="store_true", help="mixed precision: bfloat16 on CPU, float16 on CUDA")
     parser.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm to this value")
     parser.add_argument("--patience", type=int, default=None, help="early stop after this many epochs without gain")
-    parser.add_argument("--resume", default=None, metavar="PATH|auto", help="checkpoint to continue from")
+    parser.add_argument(
+        "--save-every-steps", type=int, default=None, help="also save a resumable checkpoint every N optimizer steps"
+    )
+    parser.add_argument(
+        "--resume", default=None, metavar="PATH|auto", help="checkpoint to continue from; auto: the newest"
+    )
     parser.add_argument("-f", "--force", action="store_true", help="start over in an existing logdir")
     # torch.distributed.launch passes --local-rank=N (older versions --local_rank=N); torchrun sets LOCAL_RANK
     parser.add_argument(
@@ -116,6 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("--save-n-best", args.save_n_best, 1),
         ("--accum-steps", args.accum_steps, 1),
         ("--patience", args.patience, 0),
+        ("--save-every-steps", args.save_every_steps, 1),
     ):
         if value is not None and value < low:
             parser.error(f"{flag}: must be >= {low}, got {value}")
@@ -183,14 +192,19 @@ def get_datasets(seed: int) -> tuple[Dataset, Dataset]:
     return DigitsDataset(x_train, y_train, augment=True, seed=seed), DigitsDataset(x_valid, y_valid)
 
 
-def get_loader(dataset: Dataset, batch_size: int, num_workers: int, sampler) -> DataLoader:
-    """A loader over ``sampler``: a ``DistributedSampler`` to train, a ``DistributedEvalSampler`` to validate."""
+def get_loader(dataset: Dataset, batch_size: int, num_workers: int, sampler, seed: int = 0) -> DataLoader:
+    """A loader over ``sampler``: this rank's indices to train, a ``DistributedEvalSampler`` to validate.
+
+    The loader draws its workers' seeds from its own generator, never from the global RNG, so
+    creating a loader mid-epoch on resume leaves the dropout random stream exactly where it was.
+    """
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
         worker_init_fn=seed_all,  # workers get distinct, reproducible random / NumPy seeds
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -214,33 +228,45 @@ class Net(nn.Module):
 
 
 # ----------------------------------------------------------------------------- train / valid
-def train_fn(model, loader, device, loss_fn, optimizer, scaler, amp_dtype, accum_steps, clip_grad_norm, epoch):
-    """One epoch of training; returns ``{"loss": ..., "accuracy": ...}`` averaged over samples."""
+def train_fn(model, loader, device, loss_fn, optimizer, scaler, amp_dtype, args, epoch, position, save_step=None):
+    """One epoch of training (or its rest, on a mid-epoch resume) on this rank's share of the data.
+
+    ``position`` holds ``first_batch`` (batches of this epoch already trained), ``num_batches``,
+    ``step`` (optimizer steps so far) and the epoch's ``meters``; it is updated as training goes,
+    and ``save_step(position)`` is called on every rank every ``--save-every-steps`` optimizer steps.
+    Returns ``{"loss": ..., "accuracy": ...}`` averaged over the samples of all ranks.
+    """
     model.train()
-    meters = {"loss": AverageMeter(), "accuracy": AverageMeter()}
-    progress = tqdm(loader, desc=f"epoch {epoch} train", leave=False)
+    meters, num_batches = position["meters"], position["num_batches"]
+    progress = tqdm(
+        loader, desc=f"epoch {epoch} train", initial=position["first_batch"], total=num_batches, leave=False
+    )
     optimizer.zero_grad(set_to_none=True)
-    for batch_index, batch in enumerate(progress):
+    for batch_index, batch in enumerate(progress, start=position["first_batch"]):
         x, y = t2d(batch, device, non_blocking=True)
-        step_now = (batch_index + 1) % accum_steps == 0 or batch_index + 1 == len(loader)
+        step_now = (batch_index + 1) % args.accum_steps == 0 or batch_index + 1 == num_batches
         # micro-steps skip DDP's gradient all-reduce; the step's last batch syncs the accumulated sum
         sync = model.no_sync() if isinstance(model, DDP) and not step_now else contextlib.nullcontext()
         with sync:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = model(x)
                 loss = loss_fn(logits, y)
-            scaler.scale(loss / accum_steps).backward()
+            scaler.scale(loss / args.accum_steps).backward()
         if step_now:
-            if clip_grad_norm is not None:
+            if args.clip_grad_norm is not None:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            position["step"] += 1
         meters["loss"].update(loss.detach(), x.size(0))  # tensors: no host sync per step
         meters["accuracy"].update((logits.argmax(1) == y).float().mean(), x.size(0))
+        position["first_batch"] = batch_index + 1
         if batch_index % 10 == 0:
             progress.set_postfix(loss=f"{meters['loss'].average:.4f}")
+        if step_now and save_step is not None and position["step"] % args.save_every_steps == 0:
+            save_step(position)  # every rank reaches it at the same step: it holds a collective
     return {name: meter.all_reduce().average for name, meter in meters.items()}  # over all ranks
 
 
@@ -265,6 +291,16 @@ def valid_fn(model, loader, device, loss_fn, amp_dtype):
 
 
 # ----------------------------------------------------------------------------- experiment
+def newest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newer of ``last.pth`` (end of an epoch) and ``step.pth`` (mid-epoch), or None."""
+    found = []
+    for name in ("last.pth", STEP_CHECKPOINT):
+        if (checkpoint_dir / name).is_file():
+            state = load_checkpoint(checkpoint_dir / name, verbose=False)
+            found.append(((state["epoch"], state.get("batches_done", 0), name == "last.pth"), checkpoint_dir / name))
+    return max(found)[1] if found else None
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)  # every rank checks the flags before any rank writes
     started = time.perf_counter()
@@ -275,9 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
     rank, world_size = get_rank(), get_world_size()
 
     checkpoint_dir = args.logdir / "checkpoints"
-    resume = args.resume
-    if resume == "auto":
-        resume = checkpoint_dir / "last.pth" if (checkpoint_dir / "last.pth").is_file() else None
+    resume = newest_checkpoint(checkpoint_dir) if args.resume == "auto" else args.resume
     barrier()  # every rank has read the logdir before rank 0 changes it
     if args.force and rank == 0:
         for name in OUTPUTS:
@@ -318,41 +352,66 @@ def main(argv: list[str] | None = None) -> dict:
             save_n_best=args.save_n_best,
         )
 
-    start_epoch = 1
+    components = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "early_stop": early_stop}
+    num_batches = math.ceil(len(train_sampler) / args.batch_size)  # the same on every rank
+
+    def training_state(epoch: int, position: dict, **extra) -> dict | None:
+        """Gather every rank's RNG and meter states (a collective), build the state on rank 0."""
+        meters = {name: meter.state_dict() for name, meter in (position["meters"] or {}).items()}
+        per_rank = all_gather({"rng": get_rng_state(), "meters": meters})
+        if rank != 0:
+            return None
+        return make_training_state(
+            model,
+            epoch=epoch,
+            step=position["step"],
+            **components,
+            rng_states=[part["rng"] for part in per_rank],
+            batches_done=position["first_batch"],
+            meters=[part["meters"] for part in per_rank],
+            world_size=world_size,
+            experiment_args=args,
+            **extra,
+        )
+
+    start_epoch, position = 1, {"first_batch": 0, "step": 0, "meters": None}
     if resume is not None:
-        state = load_checkpoint(resume, model, optimizer, scheduler, map_location=device, verbose=False)
-        scaler.load_state_dict(state["scaler_state_dict"])
-        if early_stop is not None and state.get("early_stop_state_dict"):
-            early_stop.load_state_dict(state["early_stop_state_dict"])
-        if len(state["rng_states"]) == world_size:
-            set_rng_state(state["rng_states"][rank])
-        else:
-            logger.warning(
-                f"Checkpoint saved by {len(state['rng_states'])} processes, resumed by {world_size}: "
-                "random streams restart from the seed"
-            )
-        start_epoch = state["epoch"] + 1
-        logger.info(f"Resumed from '{resume}' (epoch {state['epoch']}); continuing at epoch {start_epoch}")
+        state = load_checkpoint(resume, map_location=device, verbose=False)
+        restore_training_state(state, model, **components, manager=checkpointer)  # this rank's RNG states
+        start_epoch, position["step"] = state["epoch"] + 1, state["step"]
+        if state.get("batches_done"):  # a mid-epoch checkpoint: replay the rest of that epoch
+            if state["world_size"] != world_size:
+                raise SystemExit(
+                    f"--resume: '{resume}' is mid-epoch from {state['world_size']} processes; "
+                    f"resume it with {state['world_size']} or from last.pth"
+                )
+            position["first_batch"] = state["batches_done"]
+            position["meters"] = {name: AverageMeter() for name in state["meters"][rank]}
+            for name, meter in position["meters"].items():
+                meter.load_state_dict(state["meters"][rank][name])
+        where = f"epoch {start_epoch}, batch {position['first_batch'] + 1} of {num_batches}"
+        logger.info(f"Resumed from '{resume}' (epoch {state['epoch']} finished); continuing at {where}")
     ddp_model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if is_initialized() else model
     tensorboard = TensorboardLogger(args.logdir / "tensorboard", purge_step=start_epoch if resume else None)
+
+    def save_step(position: dict) -> None:  # mid-epoch: resumable, but no epoch for the N-best
+        state = training_state(epoch - 1, position)
+        if state is not None:
+            save_checkpoint(state, checkpoint_dir, STEP_CHECKPOINT)
 
     for epoch in range(start_epoch, args.epochs + 1):
         if early_stop is not None and early_stop.num_bad_calls > early_stop.patience:
             break  # a resumed run that had already stopped early
+        if position["meters"] is None:
+            position.update(first_batch=0, meters={"loss": AverageMeter(), "accuracy": AverageMeter()})
+        position["num_batches"] = num_batches
         train_dataset.set_epoch(epoch)
         train_sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
-        train_loader = get_loader(train_dataset, args.batch_size, args.num_workers, train_sampler)
+        order = list(train_sampler)[position["first_batch"] * args.batch_size :]
+        train_loader = get_loader(train_dataset, args.batch_size, args.num_workers, order, seed=args.seed + epoch)
+        save = save_step if args.save_every_steps else None
         train_metrics = train_fn(
-            ddp_model,
-            train_loader,
-            device,
-            loss_fn,
-            optimizer,
-            scaler,
-            amp_dtype,
-            args.accum_steps,
-            args.clip_grad_norm,
-            epoch,
+            ddp_model, train_loader, device, loss_fn, optimizer, scaler, amp_dtype, args, epoch, position, save
         )
         broadcast_buffers(model)  # every rank validates the model rank 0 saves (BatchNorm statistics)
         valid_metrics = valid_fn(model, valid_loader, device, loss_fn, amp_dtype)
@@ -364,24 +423,13 @@ def main(argv: list[str] | None = None) -> dict:
         tensorboard.add_metric("valid", valid_metrics, epoch)
         tensorboard.add_scalar("lr", scheduler.get_last_lr()[0], epoch)
         should_stop = early_stop is not None and early_stop(valid_metrics[MAIN_METRIC])  # same on every rank
-        rng_states = all_gather(get_rng_state())  # a collective: every rank calls it, outside the rank-0 branch
-        if checkpointer is not None:
+        position.update(first_batch=0, meters=None)  # the epoch is complete
+        state = training_state(epoch, position, metrics={"train": train_metrics, "valid": valid_metrics})
+        if checkpointer is not None:  # rank 0
             checkpointer.process(
                 score={**valid_metrics, **{f"train_{k}": v for k, v in train_metrics.items()}},
                 epoch=epoch,
-                checkpoint=make_checkpoint(
-                    "train",
-                    epoch,
-                    model,
-                    optimizer,
-                    scheduler,
-                    metrics={"train": train_metrics, "valid": valid_metrics},
-                    scaler_state_dict=scaler.state_dict(),
-                    early_stop_state_dict=None if early_stop is None else early_stop.state_dict(),
-                    rng_states=rng_states,
-                    world_size=world_size,
-                    experiment_args=args,
-                ),
+                checkpoint=state,
             )
         if should_stop:
             logger.info(f"Early stop: no gain in valid {MAIN_METRIC} for {early_stop.num_bad_calls} epochs")
