@@ -5,7 +5,7 @@ logger and progress bar, TensorBoard, a CheckpointManager that keeps the N best,
 and a resume that continues a stopped run. Copy this file and change ``get_datasets`` and
 ``Net`` to train your own model.
 
-    python examples/device/experiment.py                      # train, about 30 s on a laptop CPU
+    python examples/device/experiment.py                      # train, about 15 s on a 2-core CPU
     python examples/device/experiment.py --resume auto        # continue a stopped run
     python examples/device/experiment.py -f --epochs 30       # start over in the same logdir
 

@@ -21,6 +21,7 @@ Output (``--logdir``, default ``logs/dp-experiment``):
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 import time
@@ -37,11 +38,11 @@ from batteries import (
     EarlyStopIndicator,
     TensorboardLogger,
     get_logger,
-    get_rng_state,
     load_checkpoint,
-    make_checkpoint,
+    make_training_state,
+    restore_training_state,
+    save_checkpoint,
     seed_all,
-    set_rng_state,
     t2d,
 )
 from batteries.progress import tqdm
@@ -50,6 +51,7 @@ MAIN_METRIC = "accuracy"  # validation accuracy decides the best checkpoint
 MINIMIZE_METRIC = False
 SPLIT_SEED = 0  # the train / validation split never changes, whatever --seed is
 OUTPUTS = ("checkpoints", "tensorboard", "train.log")
+STEP_CHECKPOINT = "step.pth"  # the mid-epoch checkpoint of --save-every-steps, replaced each time
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -78,7 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--amp", action="store_true", help="mixed precision: bfloat16 on CPU, float16 on CUDA")
     parser.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm to this value")
     parser.add_argument("--patience", type=int, default=None, help="early stop after this many epochs without gain")
-    parser.add_argument("--resume", default=None, metavar="PATH|auto", help="checkpoint to continue from")
+    parser.add_argument(
+        "--save-every-steps", type=int, default=None, help="also save a resumable checkpoint every N optimizer steps"
+    )
+    parser.add_argument(
+        "--resume", default=None, metavar="PATH|auto", help="checkpoint to continue from; auto: the newest"
+    )
     parser.add_argument("-f", "--force", action="store_true", help="start over in an existing logdir")
     args = parser.parse_args(argv)
 
@@ -95,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("--save-n-best", args.save_n_best, 1),
         ("--accum-steps", args.accum_steps, 1),
         ("--patience", args.patience, 0),
+        ("--save-every-steps", args.save_every_steps, 1),
     ):
         if value is not None and value < low:
             parser.error(f"{flag}: must be >= {low}, got {value}")
@@ -162,15 +170,19 @@ def get_datasets(seed: int) -> tuple[Dataset, Dataset]:
     return DigitsDataset(x_train, y_train, augment=True, seed=seed), DigitsDataset(x_valid, y_valid)
 
 
-def get_loader(dataset: Dataset, batch_size: int, num_workers: int, order: list[int] | None = None) -> DataLoader:
-    """A loader over ``order`` (the epoch's shuffled indices), or over the dataset in order."""
+def get_loader(dataset: Dataset, batch_size: int, num_workers: int, order: list[int] | None = None, seed: int = 0):
+    """A loader over ``order`` (the epoch's shuffled indices), or over the dataset in order.
+
+    The loader draws its workers' seeds from its own generator, never from the global RNG, so
+    creating a loader mid-epoch on resume leaves the dropout random stream exactly where it was.
+    """
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=order,  # a list of indices is a valid sampler; None = sequential
         num_workers=num_workers,
         worker_init_fn=seed_all,  # workers get distinct, reproducible random / NumPy seeds
-        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -200,29 +212,42 @@ class Net(nn.Module):
 
 
 # ----------------------------------------------------------------------------- train / valid
-def train_fn(model, loader, device, loss_fn, optimizer, scaler, amp_dtype, accum_steps, clip_grad_norm, epoch):
-    """One epoch of training; returns ``{"loss": ..., "accuracy": ...}`` averaged over samples."""
+def train_fn(model, loader, device, loss_fn, optimizer, scaler, amp_dtype, args, epoch, position, save_step=None):
+    """One epoch of training (or its rest, on a mid-epoch resume).
+
+    ``position`` holds ``first_batch`` (batches of this epoch already trained), ``num_batches``,
+    ``step`` (optimizer steps so far) and the epoch's ``meters``; it is updated as training goes,
+    and ``save_step(position)`` is called every ``--save-every-steps`` optimizer steps.
+    Returns ``{"loss": ..., "accuracy": ...}`` averaged over the epoch's samples.
+    """
     model.train()
-    meters = {"loss": AverageMeter(), "accuracy": AverageMeter()}
-    progress = tqdm(loader, desc=f"epoch {epoch} train", leave=False)
+    meters, num_batches = position["meters"], position["num_batches"]
+    progress = tqdm(
+        loader, desc=f"epoch {epoch} train", initial=position["first_batch"], total=num_batches, leave=False
+    )
     optimizer.zero_grad(set_to_none=True)
-    for batch_index, batch in enumerate(progress):
+    for batch_index, batch in enumerate(progress, start=position["first_batch"]):
         x, y = t2d(batch, device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
             loss = loss_fn(logits, y)
-        scaler.scale(loss / accum_steps).backward()
-        if (batch_index + 1) % accum_steps == 0 or batch_index + 1 == len(loader):
-            if clip_grad_norm is not None:
+        scaler.scale(loss / args.accum_steps).backward()
+        step_now = (batch_index + 1) % args.accum_steps == 0 or batch_index + 1 == num_batches
+        if step_now:
+            if args.clip_grad_norm is not None:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            position["step"] += 1
         meters["loss"].update(loss.detach(), x.size(0))  # tensors: no host sync per step
         meters["accuracy"].update((logits.argmax(1) == y).float().mean(), x.size(0))
+        position["first_batch"] = batch_index + 1
         if batch_index % 10 == 0:
             progress.set_postfix(loss=f"{meters['loss'].average:.4f}")
+        if step_now and save_step is not None and position["step"] % args.save_every_steps == 0:
+            save_step(position)
     return {name: meter.average for name, meter in meters.items()}
 
 
@@ -242,6 +267,16 @@ def valid_fn(model, loader, device, loss_fn, amp_dtype):
 
 
 # ----------------------------------------------------------------------------- experiment
+def newest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newer of ``last.pth`` (end of an epoch) and ``step.pth`` (mid-epoch), or None."""
+    found = []
+    for name in ("last.pth", STEP_CHECKPOINT):
+        if (checkpoint_dir / name).is_file():
+            state = load_checkpoint(checkpoint_dir / name, verbose=False)
+            found.append(((state["epoch"], state.get("batches_done", 0), name == "last.pth"), checkpoint_dir / name))
+    return max(found)[1] if found else None
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -250,9 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
             path = args.logdir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     checkpoint_dir = args.logdir / "checkpoints"
-    resume = args.resume
-    if resume == "auto":
-        resume = checkpoint_dir / "last.pth" if (checkpoint_dir / "last.pth").is_file() else None
+    resume = newest_checkpoint(checkpoint_dir) if args.resume == "auto" else args.resume
 
     logger = get_logger("dp-experiment", log_file=args.logdir / "train.log")
     logger.info(f"Arguments: {vars(args)}")
@@ -283,36 +316,50 @@ def main(argv: list[str] | None = None) -> dict:
         metric_minimization=MINIMIZE_METRIC,
         save_n_best=args.save_n_best,
     )
+    components = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "early_stop": early_stop}
+    num_batches = math.ceil(len(train_dataset) / args.batch_size)
 
-    start_epoch = 1
+    def training_state(epoch: int, position: dict, **extra) -> dict:
+        return make_training_state(
+            model,
+            epoch=epoch,
+            step=position["step"],
+            **components,
+            batches_done=position["first_batch"],
+            meters={name: meter.state_dict() for name, meter in position["meters"].items()},
+            experiment_args=args,
+            **extra,
+        )
+
+    start_epoch, position = 1, {"first_batch": 0, "step": 0, "meters": None}
     if resume is not None:
-        state = load_checkpoint(resume, model, optimizer, scheduler, map_location=device, verbose=False)
-        scaler.load_state_dict(state["scaler_state_dict"])
-        if early_stop is not None and state.get("early_stop_state_dict"):
-            early_stop.load_state_dict(state["early_stop_state_dict"])
-        set_rng_state(state["rng_state"])
-        start_epoch = state["epoch"] + 1
-        logger.info(f"Resumed from '{resume}' (epoch {state['epoch']}); continuing at epoch {start_epoch}")
+        state = load_checkpoint(resume, map_location=device, verbose=False)
+        restore_training_state(state, model, **components, manager=checkpointer)
+        start_epoch, position["step"] = state["epoch"] + 1, state["step"]
+        if state.get("batches_done"):  # a mid-epoch checkpoint: replay the rest of that epoch
+            position["first_batch"] = state["batches_done"]
+            position["meters"] = {name: AverageMeter() for name in state["meters"]}
+            for name, meter in position["meters"].items():
+                meter.load_state_dict(state["meters"][name])
+        where = f"epoch {start_epoch}, batch {position['first_batch'] + 1} of {num_batches}"
+        logger.info(f"Resumed from '{resume}' (epoch {state['epoch']} finished); continuing at {where}")
     tensorboard = TensorboardLogger(args.logdir / "tensorboard", purge_step=start_epoch if resume else None)
+
+    def save_step(position: dict) -> None:  # mid-epoch: resumable, but no epoch for the N-best
+        save_checkpoint(training_state(epoch - 1, position), checkpoint_dir, STEP_CHECKPOINT)
 
     for epoch in range(start_epoch, args.epochs + 1):
         if early_stop is not None and early_stop.num_bad_calls > early_stop.patience:
             break  # a resumed run that had already stopped early
+        if position["meters"] is None:
+            position.update(first_batch=0, meters={"loss": AverageMeter(), "accuracy": AverageMeter()})
+        position["num_batches"] = num_batches
         train_dataset.set_epoch(epoch)
-        train_loader = get_loader(
-            train_dataset, args.batch_size, args.num_workers, epoch_order(len(train_dataset), args.seed, epoch)
-        )
+        order = epoch_order(len(train_dataset), args.seed, epoch)[position["first_batch"] * args.batch_size :]
+        train_loader = get_loader(train_dataset, args.batch_size, args.num_workers, order, seed=args.seed + epoch)
+        save = save_step if args.save_every_steps else None
         train_metrics = train_fn(
-            model,
-            train_loader,
-            device,
-            loss_fn,
-            optimizer,
-            scaler,
-            amp_dtype,
-            args.accum_steps,
-            args.clip_grad_norm,
-            epoch,
+            model, train_loader, device, loss_fn, optimizer, scaler, amp_dtype, args, epoch, position, save
         )
         valid_metrics = valid_fn(model, valid_loader, device, loss_fn, amp_dtype)
         scheduler.step()
@@ -323,20 +370,12 @@ def main(argv: list[str] | None = None) -> dict:
         tensorboard.add_metric("valid", valid_metrics, epoch)
         tensorboard.add_scalar("lr", scheduler.get_last_lr()[0], epoch)
         should_stop = early_stop is not None and early_stop(valid_metrics[MAIN_METRIC])
+        position.update(first_batch=0, meters=None)  # the epoch is complete
         checkpointer.process(
             score={**valid_metrics, **{f"train_{k}": v for k, v in train_metrics.items()}},
             epoch=epoch,
-            checkpoint=make_checkpoint(
-                "train",
-                epoch,
-                model,
-                optimizer,
-                scheduler,
-                metrics={"train": train_metrics, "valid": valid_metrics},
-                scaler_state_dict=scaler.state_dict(),
-                early_stop_state_dict=None if early_stop is None else early_stop.state_dict(),
-                rng_state=get_rng_state(),
-                experiment_args=args,
+            checkpoint=training_state(
+                epoch, {**position, "meters": {}}, metrics={"train": train_metrics, "valid": valid_metrics}
             ),
         )
         if should_stop:
