@@ -9,6 +9,7 @@ from batteries.checkpoint import (
     restore_training_state,
     save_checkpoint,
     unwrap_model,
+    wait_for_saves,
 )
 from batteries.device import t2d
 from batteries.early_stop import EarlyStopIndicator
@@ -41,4 +42,5 @@ __all__ = [
     "set_rng_state",
     "t2d",
     "unwrap_model",
+    "wait_for_saves",
 ]

@@ -18,12 +18,14 @@ import torch
 from torch import nn
 
 from batteries import distributed
+from batteries._async import DEFAULT_WRITER, snapshot
 from batteries._io import atomic_link, atomic_write
 from batteries.seed import get_rng_state, set_rng_state
 
 __all__ = [
     "make_checkpoint",
     "save_checkpoint",
+    "wait_for_saves",
     "load_checkpoint",
     "average_checkpoints",
     "average_model_state_dicts",
@@ -163,6 +165,8 @@ def save_checkpoint(
     is_last: bool = False,
     verbose: bool = False,
     save_fn: Callable[[Any, str], Any] = torch.save,
+    *,
+    blocking: bool = True,
 ) -> Path:
     """Write ``checkpoint`` to ``logdir/name`` crash-safely; optionally point best / last at it.
 
@@ -181,26 +185,49 @@ def save_checkpoint(
         is_last: also make ``logdir/last.pth`` this checkpoint. Default False.
         verbose: print where it was saved. Default False.
         save_fn: ``save_fn(obj, path)`` writes ``obj`` to the file at ``path``. Default ``torch.save``.
+        blocking: False to return right after the tensors are copied to CPU memory and write the
+            file on a background thread (at most one save in flight: a new one first waits for
+            the previous). An error of a background save is raised by the next ``save_checkpoint``
+            call or by :func:`wait_for_saves`; the crash-safety guarantees are the same. Default True.
 
     Returns:
-        The path of the written file.
+        The path of the (possibly not yet) written file.
 
     Raises:
         ValueError: if ``name`` is empty or contains a path separator.
-        OSError: if the file cannot be written (the previous files are untouched).
+        OSError: if the file cannot be written (the previous files are untouched); with
+            ``blocking=False``, the previous background save's error.
     """
     if not isinstance(name, str) or not name or os.sep in name or (os.altsep and os.altsep in name):
         raise ValueError(f"name must be a plain file name like 'exp_3.pth', got {name!r}")
     folder = Path(logdir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    atomic_write(path, lambda tmp: save_fn(checkpoint, str(tmp)))
-    for flag, link_name in ((is_best, "best.pth"), (is_last, "last.pth")):
-        if flag and link_name != name:
-            atomic_link(path, folder / link_name)
-    if verbose:
-        print(f"=> saved checkpoint to '{path}'" + (" (best)" if is_best else ""))
+
+    def write(data: Mapping[str, Any]) -> None:
+        atomic_write(path, lambda tmp: save_fn(data, str(tmp)))
+        for flag, link_name in ((is_best, "best.pth"), (is_last, "last.pth")):
+            if flag and link_name != name:
+                atomic_link(path, folder / link_name)
+        if verbose:
+            print(f"=> saved checkpoint to '{path}'" + (" (best)" if is_best else ""))
+
+    if blocking:
+        DEFAULT_WRITER.wait()  # an earlier background save of the same files must not land after this one
+        write(checkpoint)
+    else:
+        data = snapshot(checkpoint)
+        DEFAULT_WRITER.submit(lambda: write(data))
     return path
+
+
+def wait_for_saves() -> None:
+    """Block until the background save of ``save_checkpoint(..., blocking=False)`` is written.
+
+    Raises:
+        Exception: the error of that save, if it failed.
+    """
+    DEFAULT_WRITER.wait()
 
 
 def _strip_prefixes(state_dict: Mapping[str, Any], target_keys: set[str]) -> Mapping[str, Any]:

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from batteries._io import TMP_MARK, atomic_link, atomic_write_json, remove_durably
-from batteries.checkpoint import save_checkpoint
+from batteries._async import AsyncWriter, snapshot
+from batteries._io import TMP_MARK, atomic_link, atomic_write, atomic_write_json, remove_durably
 
 __all__ = ["CheckpointManager"]
 
@@ -57,6 +57,11 @@ class CheckpointManager:
         save_n_best: number of numbered checkpoints to keep (>= 1). Default 1.
         save_fn: ``save_fn(obj, path)``. Default ``torch.save``.
         metrics_file: name of the history file inside ``logdir``. Default ``"metrics.json"``.
+        async_save: write on a background thread: :meth:`process` returns once the checkpoint's
+            tensors are copied to CPU memory. At most one save is in flight (the next
+            :meth:`process` waits for it); its error is raised by the next :meth:`process`,
+            :meth:`wait` or :meth:`close`. ``best`` / ``values`` reflect finished saves: call
+            :meth:`wait` before reading them. The crash-safety guarantees are the same. Default False.
 
     Raises:
         ValueError: on a bad argument, or if ``logdir`` already holds a metrics file with another
@@ -76,6 +81,7 @@ class CheckpointManager:
         save_n_best: int = 1,
         save_fn: Callable[[Any, str], Any] = torch.save,
         metrics_file: str = "metrics.json",
+        async_save: bool = False,
     ) -> None:
         if isinstance(save_n_best, bool) or not isinstance(save_n_best, int) or save_n_best < 1:
             raise ValueError(f"save_n_best must be an int >= 1, got {save_n_best!r}")
@@ -92,6 +98,8 @@ class CheckpointManager:
         self.save_n_best = save_n_best
         self.save_fn = save_fn
         self.metrics_file = self.logdir / metrics_file
+        self.async_save = bool(async_save)
+        self._writer = AsyncWriter()
         self.values: list[dict[str, Any]] = []
         self._extra: dict[str, Any] = {}
         self._pattern = re.compile(rf"^{re.escape(checkpoint_names)}_(\d+)\.pth$")
@@ -222,8 +230,17 @@ class CheckpointManager:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
         epoch = int(epoch)
         record = self._record(score, epoch)
+        if self.async_save:
+            data = snapshot(checkpoint)  # in the caller: training may change the tensors right after
+            self._writer.submit(lambda: self._commit(record, epoch, data))
+        else:
+            self._writer.wait()
+            self._commit(record, epoch, checkpoint)
+        return self._path(epoch)
 
-        path = save_checkpoint(checkpoint, self.logdir, self._path(epoch).name, save_fn=self.save_fn)
+    def _commit(self, record: dict[str, Any], epoch: int, checkpoint: Mapping[str, Any]) -> None:
+        path = self._path(epoch)
+        atomic_write(path, lambda tmp: self.save_fn(checkpoint, str(tmp)))
         previous = self.values
         # records of this epoch or later belong to a run that was abandoned (resumed from earlier)
         self.values = [old for old in self.values if old["epoch"] < epoch] + [record]
@@ -241,7 +258,14 @@ class CheckpointManager:
         kept = self._kept_epochs()
         epochs = {old["epoch"] for old in previous} | {epoch}
         remove_durably([self._path(old) for old in sorted(epochs - kept)])
-        return path
+
+    def wait(self) -> None:
+        """Block until the asynchronous save in flight (if any) is written; re-raise its error."""
+        self._writer.wait()
+
+    def close(self) -> None:
+        """Same as :meth:`wait`: call it before the program ends or reads ``best``."""
+        self._writer.wait()
 
     def rewind(self, epoch: int) -> None:
         """Forget the records after ``epoch`` (a run resumed from that epoch's checkpoint).
@@ -254,6 +278,7 @@ class CheckpointManager:
         """
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.wait()
         if all(record["epoch"] <= epoch for record in self.values):
             return
         self.values = [record for record in self.values if record["epoch"] <= epoch]
@@ -263,6 +288,7 @@ class CheckpointManager:
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """The manager's settings and history (what ``metrics.json`` holds)."""
+        self.wait()
         return {
             "metric_name": self.metric,
             "metric_minimization": self.metric_minimization,
@@ -276,6 +302,7 @@ class CheckpointManager:
         Raises:
             ValueError: if the state's metric name or direction differs from this manager's.
         """
+        self.wait()
         for key, mine in (("metric_name", self.metric), ("metric_minimization", self.metric_minimization)):
             if state.get(key) != mine:
                 raise ValueError(f"state has {key}={state.get(key)!r}, but this manager has {mine!r}")

@@ -13,13 +13,12 @@ from batteries import distributed
 __all__ = ["AverageMeter", "AverageMetter"]
 
 
-def _as_number(value: Any) -> float | torch.Tensor:
+def _check(value: Any) -> float | torch.Tensor:
+    """A Python float, or the value as a detached 0-d tensor on its own device."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"value must hold one element, got a tensor of shape {tuple(value.shape)}")
-        value = value.detach().reshape(())
-        dtype = torch.float32 if value.device.type == "mps" else torch.float64
-        return value.to(dtype)
+        return value.detach().reshape(())
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -35,8 +34,8 @@ class AverageMeter:
     """Running weighted mean of a metric, e.g. the loss over an epoch.
 
     Values may be Python / NumPy numbers or one-element tensors. Tensors are accumulated on their
-    own device (in float64, float32 on MPS) without a host synchronisation per update; the
-    synchronisation happens once, when ``.average`` / ``.sum`` / ``.value`` is read.
+    own device (in float64, float32 on MPS) with one in-place kernel and no host synchronisation
+    per update; the synchronisation happens once, when ``.average`` / ``.sum`` / ``.value`` is read.
 
     Attributes:
         value: the last value given to :meth:`update` (float; NaN before the first update).
@@ -75,11 +74,20 @@ class AverageMeter:
             raise TypeError(f"n must be a number, got {n!r} ({type(n).__name__})")
         if not math.isfinite(n) or n < 0:
             raise ValueError(f"n must be a finite number >= 0, got {n!r}")
-        value = _as_number(value)
+        value = _check(value)
         self._value = value
-        if n:
-            self._sum = self._sum + value * n
-            self.count += n
+        if not n:
+            return
+        if isinstance(value, torch.Tensor):
+            if not isinstance(self._sum, torch.Tensor):  # the first tensor: accumulate on its device
+                dtype = torch.float32 if value.device.type == "mps" else torch.float64
+                self._sum = torch.tensor(self._sum, dtype=dtype, device=value.device)
+            self._sum.add_(value, alpha=n)  # one in-place kernel, no host synchronisation
+        elif isinstance(self._sum, torch.Tensor):
+            self._sum.add_(value * n)
+        else:
+            self._sum += value * n
+        self.count += n
 
     @property
     def value(self) -> float:
@@ -121,7 +129,8 @@ class AverageMeter:
 
     def state_dict(self) -> dict[str, Any]:
         """The running sums, as stored (tensors stay tensors, so a restored meter continues bit-exactly)."""
-        return {"value": self._value, "sum": self._sum, "count": self.count}
+        clone = lambda x: x.clone() if isinstance(x, torch.Tensor) else x  # noqa: E731
+        return {"value": clone(self._value), "sum": clone(self._sum), "count": self.count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`.
@@ -132,8 +141,9 @@ class AverageMeter:
         missing = [key for key in ("sum", "count") if key not in state]
         if missing:
             raise KeyError(f"AverageMeter state is missing {missing}")
-        self._value = state.get("value", math.nan)
-        self._sum = state["sum"]
+        clone = lambda x: x.clone() if isinstance(x, torch.Tensor) else x  # noqa: E731
+        self._value = clone(state.get("value", math.nan))
+        self._sum = clone(state["sum"])
         self.count = state["count"]
 
     def __repr__(self) -> str:

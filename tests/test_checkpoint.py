@@ -277,3 +277,32 @@ def test_restore_with_other_world_size_warns(tmp_path):
 def test_training_state_bad_step():
     with pytest.raises(ValueError, match="step"):
         make_training_state(make_model(), epoch=1, step=-1)
+
+
+# ---------------------------------------------------------------- asynchronous save
+from batteries import wait_for_saves  # noqa: E402
+
+
+def test_non_blocking_save_snapshots_tensors_in_the_caller(tmp_path):
+    model = make_model()
+    expected = model[0].weight.detach().clone()
+    path = save_checkpoint(make_checkpoint("s", 1, model), tmp_path, "a.pth", is_last=True, blocking=False)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # training goes on while the file is written
+    wait_for_saves()
+    assert torch.equal(load_checkpoint(path, verbose=False)["model_state_dict"]["0.weight"], expected)
+    assert os.path.samefile(path, tmp_path / "last.pth")
+
+
+def test_non_blocking_save_error_surfaces_at_next_call_or_wait(tmp_path):
+    def broken(obj, path):
+        raise OSError(28, "No space left on device")
+
+    save_checkpoint({"a": 1}, tmp_path, "a.pth", save_fn=broken, blocking=False)  # returns
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint({"a": 2}, tmp_path, "b.pth", blocking=False)
+    save_checkpoint({"a": 3}, tmp_path, "c.pth", save_fn=broken, blocking=False)
+    with pytest.raises(OSError, match="No space"):
+        wait_for_saves()
+    wait_for_saves()  # reported once
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

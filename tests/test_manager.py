@@ -191,3 +191,60 @@ def test_rewind_forgets_later_epochs(tmp_path):
     assert saved_epoch(tmp_path / "best.pth") == 2 and saved_epoch(tmp_path / "last.pth") == 2
     with pytest.raises(ValueError, match="epoch"):
         manager.rewind(-1)
+
+
+# ---------------------------------------------------------------- asynchronous save
+import threading  # noqa: E402
+
+
+def test_async_manager_matches_sync_manager(tmp_path):
+    scores = [3.0, 1.0, math.nan, 2.0, 0.5, 0.5, 4.0]
+    sync, asyn = CheckpointManager(tmp_path / "sync", save_n_best=2), None
+    asyn = CheckpointManager(tmp_path / "async", save_n_best=2, async_save=True)
+    for epoch, score in enumerate(scores, start=1):
+        sync.process(score=score, epoch=epoch, checkpoint=checkpoint(epoch))
+        asyn.process(score=score, epoch=epoch, checkpoint=checkpoint(epoch))
+    asyn.close()
+    assert asyn.values == sync.values
+    assert sorted(p.name for p in (tmp_path / "async").iterdir()) == sorted(
+        p.name for p in (tmp_path / "sync").iterdir()
+    )
+    assert saved_epoch(tmp_path / "async" / "best.pth") == saved_epoch(tmp_path / "sync" / "best.pth")
+
+
+def test_async_manager_at_most_one_save_in_flight(tmp_path):
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def slow_save(obj, path):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        torch.save(obj, path)
+        threading.Event().wait(0.05)
+        with lock:
+            active[0] -= 1
+
+    manager = CheckpointManager(tmp_path, save_n_best=1, save_fn=slow_save, async_save=True)
+    for epoch in range(1, 5):
+        manager.process(score=float(epoch), epoch=epoch, checkpoint=checkpoint(epoch))
+    manager.wait()
+    assert peak[0] == 1 and [v["epoch"] for v in manager.values] == [1, 2, 3, 4]
+
+
+def test_async_manager_error_surfaces_and_files_stay(tmp_path):
+    manager = CheckpointManager(tmp_path, save_n_best=1, async_save=True)
+    manager.process(score=1.0, epoch=1, checkpoint=checkpoint(1))
+    manager.wait()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def broken(obj, path):
+        raise OSError(28, "No space left on device")
+
+    manager.save_fn = broken
+    manager.process(score=0.5, epoch=2, checkpoint=checkpoint(2))  # returns; the write fails behind
+    with pytest.raises(OSError, match="No space"):
+        manager.process(score=0.4, epoch=3, checkpoint=checkpoint(3))
+    manager.process(score=0.3, epoch=4, checkpoint=checkpoint(4))
+    with pytest.raises(OSError, match="No space"):
+        manager.close()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
