@@ -13,6 +13,9 @@ from torch.nn.utils.rnn import PackedSequence
 
 __all__ = ["t2d"]
 
+# leaves returned as they are, recognised by exact type before any isinstance check (the hot path)
+_LEAVES = frozenset({str, bytes, int, float, bool, complex, type(None)})
+
 
 def t2d(data: Any, device: str | int | torch.device, non_blocking: bool = False) -> Any:
     """Move every tensor inside ``data`` to ``device``, keeping the container types.
@@ -39,20 +42,41 @@ def t2d(data: Any, device: str | int | torch.device, non_blocking: bool = False)
         >>> t2d(batch, "cpu")["ids"]
         ['a', 'b']
     """
-    if isinstance(data, (torch.Tensor, PackedSequence)):
+    cls = type(data)
+    if cls in _LEAVES:
+        return data
+    if cls is torch.Tensor or isinstance(data, (torch.Tensor, PackedSequence)):
         return data.to(device, non_blocking=non_blocking)
+    if cls is dict:  # tensors inline: no call per leaf
+        return {
+            key: value.to(device, non_blocking=non_blocking)
+            if type(value) is torch.Tensor
+            else t2d(value, device, non_blocking)
+            for key, value in data.items()
+        }
+    if cls is list or cls is tuple:
+        if set(map(type, data)) <= _LEAVES:  # e.g. a list of ids: nothing to move, one C-level pass
+            return cls(data)
+        return cls(
+            [
+                value.to(device, non_blocking=non_blocking)
+                if type(value) is torch.Tensor
+                else t2d(value, device, non_blocking)
+                for value in data
+            ]
+        )
     if isinstance(data, Mapping):
         items = [(key, t2d(value, device, non_blocking)) for key, value in data.items()]
         if isinstance(data, defaultdict):
-            return type(data)(data.default_factory, items)
+            return cls(data.default_factory, items)
         try:
-            return type(data)(items)
+            return cls(items)
         except TypeError:  # a mapping type that cannot be built from pairs
             return dict(items)
     if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
-        return type(data)(*(t2d(value, device, non_blocking) for value in data))
+        return cls(*(t2d(value, device, non_blocking) for value in data))
     if isinstance(data, (list, tuple)):
-        return type(data)(t2d(value, device, non_blocking) for value in data)
+        return cls(t2d(value, device, non_blocking) for value in data)
     if dataclasses.is_dataclass(data) and not isinstance(data, type):
         moved = copy.copy(data)
         for field in dataclasses.fields(data):
