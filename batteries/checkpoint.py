@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from batteries import distributed
-from batteries._async import DEFAULT_WRITER, snapshot
+from batteries._async import DEFAULT_WRITER
 from batteries._io import atomic_link, atomic_write
 from batteries.seed import get_rng_state, set_rng_state
 
@@ -216,8 +216,7 @@ def save_checkpoint(
         DEFAULT_WRITER.wait()  # an earlier background save of the same files must not land after this one
         write(checkpoint)
     else:
-        data = snapshot(checkpoint)
-        DEFAULT_WRITER.submit(lambda: write(data))
+        DEFAULT_WRITER.submit(checkpoint, write)
     return path
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from batteries._async import AsyncWriter, snapshot
+from batteries._async import AsyncWriter
 from batteries._io import TMP_MARK, atomic_link, atomic_write, atomic_write_json, remove_durably
 
 __all__ = ["CheckpointManager"]
@@ -230,9 +230,8 @@ class CheckpointManager:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
         epoch = int(epoch)
         record = self._record(score, epoch)
-        if self.async_save:
-            data = snapshot(checkpoint)  # in the caller: training may change the tensors right after
-            self._writer.submit(lambda: self._commit(record, epoch, data))
+        if self.async_save:  # the snapshot is taken here, in the caller: training may change the tensors right after
+            self._writer.submit(checkpoint, lambda data: self._commit(record, epoch, data))
         else:
             self._writer.wait()
             self._commit(record, epoch, checkpoint)

@@ -1,4 +1,4 @@
-"""Run a function in N gloo processes on loopback; re-raise worker failures; never hang.
+"""Run a function in N processes (gloo, or NCCL with a GPU each) on loopback; re-raise failures; never hang.
 
 ``run_workers(fn, world_size, *args)`` starts ``world_size`` spawned processes, each with a
 process group (gloo, ``tcp://127.0.0.1:<free port>``), calls ``fn(rank, world_size, *args)`` and
@@ -24,13 +24,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(fn, rank, world_size, port, args, results, timeout_s):
+def _worker(fn, rank, world_size, port, args, results, timeout_s, backend):
+    import torch
     import torch.distributed as dist
 
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
@@ -46,12 +49,16 @@ def _worker(fn, rank, world_size, port, args, results, timeout_s):
         results.put((rank, False, traceback.format_exc()))
 
 
-def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 60.0) -> list[Any]:
+def run_workers(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 60.0, backend: str = "gloo"
+) -> list[Any]:
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
     processes = [
-        context.Process(target=_worker, args=(fn, rank, world_size, port, args, results, timeout_s), daemon=True)
+        context.Process(
+            target=_worker, args=(fn, rank, world_size, port, args, results, timeout_s, backend), daemon=True
+        )
         for rank in range(world_size)
     ]
     for process in processes:

@@ -306,3 +306,15 @@ def test_non_blocking_save_error_surfaces_at_next_call_or_wait(tmp_path):
         wait_for_saves()
     wait_for_saves()  # reported once
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_non_blocking_saves_in_a_row_keep_their_own_content(tmp_path):
+    weight = torch.zeros(1000)
+    for index in range(4):  # the snapshot buffers are reused: each file must still hold its own values
+        weight.fill_(float(index))
+        save_checkpoint({"w": weight}, tmp_path, f"{index}.pth", blocking=False)
+    wait_for_saves()
+    for index in range(4):
+        assert torch.equal(
+            load_checkpoint(tmp_path / f"{index}.pth", verbose=False)["w"], torch.full((1000,), float(index))
+        )

@@ -180,3 +180,25 @@ def failing(rank, world_size):
 def test_spawn_helper_reraises_worker_failure():
     with pytest.raises(RuntimeError, match="boom on rank 1"):
         run_workers(failing, 2, timeout_s=30)
+
+
+# ---------------------------------------------------------------- NCCL on GPUs (skipped without CUDA)
+def nccl_checks(rank, world_size):
+    device = torch.device("cuda", rank)
+    gathered = distributed.all_gather({"rank": rank, "tensor": torch.full((rank + 1,), float(rank), device=device)})
+    total = distributed.sreduce(torch.tensor([float(rank)], device=device))
+    meter = AverageMeter()
+    meter.update(torch.tensor(float(rank), device=device), n=rank + 1)
+    return [g["rank"] for g in gathered], total.item(), total.device.type, meter.all_reduce().average
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_nccl_all_gather_sreduce_meter(world_size):
+    if torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} GPUs")
+    for ranks, total, device_type, average in run_workers(nccl_checks, world_size, backend="nccl"):
+        assert ranks == list(range(world_size)) and device_type == "cuda"
+        assert total == float(sum(range(world_size)))
+        weights = [r + 1 for r in range(world_size)]
+        assert average == pytest.approx(sum(r * w for r, w in enumerate(weights)) / sum(weights))

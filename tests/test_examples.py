@@ -298,3 +298,14 @@ def test_kill_9_and_resume_is_bitwise_the_uninterrupted_run(tmp_path, straight_r
     numbered = sorted(int(p.stem.split("_")[1]) for p in checkpoints.glob("exp_*.pth"))
     assert numbered == sorted(r["epoch"] for r in ranked[:2])
     assert torch.load(checkpoints / "best.pth", weights_only=True)["epoch"] == ranked[0]["epoch"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ddp_example_on_gpus_with_nccl(tmp_path):
+    world_size = min(torch.cuda.device_count(), 2)
+    logdir = tmp_path / "run"
+    command = [*TORCHRUN, f"--nproc_per_node={world_size}", "--master_port", str(free_port()), DDP]
+    result = run([*command, "--device", "cuda", "--epochs", "2", "--amp", "--logdir", logdir])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"World size {world_size}, backend nccl" in (logdir / "train.log").read_text()
+    assert_one_run(logdir)
