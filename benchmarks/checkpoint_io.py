@@ -102,18 +102,16 @@ def main() -> None:
         # 2. and 3. time against torch.save + fsync, and the disk's own speed
         for size_mb in sizes:
             state = state_of(size_mb)
-            counter = [0]
 
             # each side first deletes its previous file, untimed: freeing 1 GB of old blocks is
             # the file system's work, not the save's
-            def ours() -> float:
-                counter[0] += 1
+            def ours(state: dict = state) -> float:
                 (root / "ours.pth").unlink(missing_ok=True)
                 start = time.perf_counter()
                 save_checkpoint(state, root, "ours.pth")
                 return time.perf_counter() - start
 
-            def theirs() -> float:
+            def theirs(state: dict = state) -> float:
                 (root / "theirs.pth").unlink(missing_ok=True)
                 start = time.perf_counter()
                 torch_save_fsync(state, root / "theirs.pth")
