@@ -41,15 +41,17 @@ def _discard(path: Path) -> None:
         path.unlink()
 
 
-def atomic_write(final: Path, write: Callable[[Path], Any]) -> None:
+def atomic_write(final: Path, write: Callable[[Path], Any], *, sync_file: bool = True) -> None:
     """Write ``final`` through ``write(tmp)`` so that ``final`` is either the old or the new file.
 
     Any error (disk full, a failing ``write``) removes the temporary file and propagates.
+    ``sync_file=False`` when ``write`` makes the data durable itself (a hard link to a synced file).
     """
     tmp = tmp_path(final)
     try:
         write(tmp)
-        fsync_file(tmp)
+        if sync_file:
+            fsync_file(tmp)
         os.replace(tmp, final)
     except BaseException:
         _discard(tmp)
@@ -70,18 +72,15 @@ def atomic_link(source: Path, final: Path) -> None:
     """Point ``final`` at ``source``'s content: a hard link, or a copy where links are unsupported."""
     if final.exists() and os.path.samefile(source, final):
         return
-    tmp = tmp_path(final)
-    try:
+
+    def link_or_copy(tmp: Path) -> None:
         try:
-            os.link(source, tmp)
+            os.link(source, tmp)  # same inode: nothing new to sync but the folder
         except OSError:  # no hard links on this file system (FAT, some network mounts)
             shutil.copyfile(source, tmp)
             fsync_file(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        _discard(tmp)
-        raise
-    fsync_dir(final.parent)
+
+    atomic_write(final, link_or_copy, sync_file=False)
 
 
 def remove_durably(paths: list[Path]) -> None:

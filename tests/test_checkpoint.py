@@ -318,3 +318,14 @@ def test_non_blocking_saves_in_a_row_keep_their_own_content(tmp_path):
         assert torch.equal(
             load_checkpoint(tmp_path / f"{index}.pth", verbose=False)["w"], torch.full((1000,), float(index))
         )
+
+
+def test_copies_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = save_checkpoint(make_checkpoint("s", 1, make_model()), tmp_path, "exp_1.pth", is_best=True, is_last=True)
+    assert not os.path.samefile(path, tmp_path / "best.pth")
+    assert (tmp_path / "best.pth").read_bytes() == path.read_bytes() == (tmp_path / "last.pth").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "exp_1.pth", "last.pth"]
