@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import shutil
 import sys
 import time
@@ -48,6 +49,7 @@ MAIN_METRIC = "accuracy"  # validation accuracy decides the best checkpoint
 MINIMIZE_METRIC = False
 SPLIT_SEED = 0  # the train / validation split never changes, whatever --seed is
 OUTPUTS = ("checkpoints", "tensorboard", "train.log")
+WORKER_START = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None
 STEP_CHECKPOINT = "step.pth"  # the mid-epoch checkpoint of --save-every-steps, replaced each time
 
 
@@ -173,12 +175,17 @@ def get_loader(dataset: Dataset, batch_size: int, num_workers: int, order: list[
     The loader draws its workers' seeds from its own generator, never from the global RNG, so
     creating a loader mid-epoch on resume leaves the dropout random stream exactly where it was.
     """
+    if WORKER_START == "forkserver":  # the server imports these once; without, every worker re-imports torch
+        multiprocessing.set_forkserver_preload(["torch", "numpy", "batteries"])
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=order,  # a list of indices is a valid sampler; None = sequential
         num_workers=num_workers,
         worker_init_fn=seed_all,  # workers get distinct, reproducible random / NumPy seeds
+        # not "fork": forking this process, which runs threads (TensorBoard's writer, queue feeders),
+        # can deadlock the new worker inside CPython; forkserver forks from a clean process
+        multiprocessing_context=WORKER_START if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
 
@@ -264,14 +271,19 @@ def valid_fn(model, loader, device, loss_fn, amp_dtype):
 
 
 # ----------------------------------------------------------------------------- experiment
-def newest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newer of ``last.pth`` (end of an epoch) and ``step.pth`` (mid-epoch), or None."""
+def newest_checkpoint(checkpoint_dir: Path) -> tuple[Path | None, dict | None]:
+    """The newer of ``last.pth`` (end of an epoch) and ``step.pth`` (mid-epoch) and its loaded state,
+    or ``(None, None)``. The state is returned so that the file chosen is read only once."""
     found = []
     for name in ("last.pth", STEP_CHECKPOINT):
         if (checkpoint_dir / name).is_file():
             state = load_checkpoint(checkpoint_dir / name, verbose=False)
-            found.append(((state["epoch"], state.get("batches_done", 0), name == "last.pth"), checkpoint_dir / name))
-    return max(found)[1] if found else None
+            position = (state["epoch"], state.get("batches_done", 0), name == "last.pth")
+            found.append((position, checkpoint_dir / name, state))
+    if not found:
+        return None, None
+    _, path, state = max(found, key=lambda item: item[0])
+    return path, state
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -282,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
             path = args.logdir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     checkpoint_dir = args.logdir / "checkpoints"
-    resume = newest_checkpoint(checkpoint_dir) if args.resume == "auto" else args.resume
+    resume, state = newest_checkpoint(checkpoint_dir) if args.resume == "auto" else (args.resume, None)
 
     logger = get_logger("device-experiment", log_file=args.logdir / "train.log")
     logger.info(f"Arguments: {vars(args)}")
@@ -323,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     start_epoch, position = 1, {"first_batch": 0, "step": 0, "meters": None}
     if resume is not None:
-        state = load_checkpoint(resume, map_location=device, verbose=False)
+        if state is None:  # an explicit --resume PATH
+            state = load_checkpoint(resume, verbose=False)  # on the CPU; load_state_dict moves it
         restore_training_state(state, model, **components, manager=checkpointer)
         start_epoch, position["step"] = state["epoch"] + 1, state["step"]
         if state.get("batches_done"):  # a mid-epoch checkpoint: replay the rest of that epoch
