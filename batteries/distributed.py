@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import math
 import os
 from collections.abc import Iterator
@@ -241,6 +242,13 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> t
     ``cuda:<LOCAL_RANK>``; otherwise gloo on the CPU. Without ``WORLD_SIZE`` in the environment (a
     plain ``python experiment.py``) no group is created and the process runs alone.
 
+    Before it creates the group it imports ``torch._dynamo`` (about 2 s the first time, a cost that
+    ``DistributedDataParallel`` pays anyway: its constructor imports it). Imported while a group
+    exists, ``torch._dynamo`` keeps references to that group forever (seen on torch 2.13), so
+    ``destroy_process_group`` cannot free it: its communication threads then live on into the
+    interpreter's shutdown, where they can abort a run that has finished (``terminate called
+    without an active exception``; the crash is described in pytorch/pytorch PR 179291).
+
     Args:
         backend: ``"nccl"``, ``"gloo"`` or None to choose as above. Default None.
         timeout_s: seconds a collective may wait before failing. Default 1800.
@@ -261,6 +269,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> t
     else:
         device = torch.device("cpu")
     if "WORLD_SIZE" in os.environ and not is_initialized():
+        importlib.import_module("torch._dynamo")  # before the group exists: see the docstring
         dist.init_process_group(
             backend=backend or ("nccl" if use_cuda else "gloo"),
             init_method="env://",
@@ -271,6 +280,12 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> t
 
 
 def cleanup_distributed() -> None:
-    """Destroy the default process group if one exists."""
+    """Destroy the default process group if one exists; a no-op otherwise.
+
+    Call it on every rank at the end of a run, after the last collective. With a group made by
+    :func:`init_distributed` this also frees the group and joins its communication threads, even
+    after ``DistributedDataParallel`` used it, so that none of them is alive when the interpreter
+    shuts down. (A group created before ``torch._dynamo`` was first imported is kept alive by it.)
+    """
     if is_initialized():
         dist.destroy_process_group()

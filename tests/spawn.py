@@ -3,7 +3,9 @@
 ``run_workers(fn, world_size, *args)`` starts ``world_size`` spawned processes, each with a
 process group (gloo, ``tcp://127.0.0.1:<free port>``), calls ``fn(rank, world_size, *args)`` and
 returns the results ordered by rank. A worker's exception is re-raised in the parent with the
-worker's traceback; a run that exceeds ``timeout_s`` kills every worker and fails.
+worker's traceback; a run that exceeds ``timeout_s`` kills every worker and fails. With
+``init_group=False`` the worker gets the environment torchrun sets (``MASTER_ADDR``, ``MASTER_PORT``,
+``RANK``, ...) and no group: ``fn`` creates and destroys one itself.
 """
 
 from __future__ import annotations
@@ -24,12 +26,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(fn, rank, world_size, port, args, results, timeout_s, backend):
+def _worker(fn, rank, world_size, port, args, results, timeout_s, backend, init_group):
     import torch
     import torch.distributed as dist
 
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
     try:
+        if not init_group:
+            os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+            results.put((rank, True, pickle.dumps(fn(rank, world_size, *args))))
+            return
         if backend == "nccl":
             torch.cuda.set_device(rank)
         dist.init_process_group(
@@ -50,14 +56,21 @@ def _worker(fn, rank, world_size, port, args, results, timeout_s, backend):
 
 
 def run_workers(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 60.0, backend: str = "gloo"
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 60.0,
+    backend: str = "gloo",
+    init_group: bool = True,
 ) -> list[Any]:
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
     processes = [
         context.Process(
-            target=_worker, args=(fn, rank, world_size, port, args, results, timeout_s, backend), daemon=True
+            target=_worker,
+            args=(fn, rank, world_size, port, args, results, timeout_s, backend, init_group),
+            daemon=True,
         )
         for rank in range(world_size)
     ]

@@ -21,11 +21,18 @@ DEVICE = ROOT / "examples" / "device" / "experiment.py"
 FAST = ["--device", "cpu", "--batch-size", "128"]
 
 
-def run(args, timeout=240, **kwargs):
+def run(args, timeout=240):
+    """Run ``python args...``; on a timeout kill it and every process below it, then raise."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, **kwargs
+    process = subprocess.Popen(
+        [sys.executable, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(process)  # torchrun's workers too, not only the agent
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def epochs_recorded(logdir):
@@ -203,6 +210,14 @@ def descendants(pid):
     return found
 
 
+def kill_tree(process):
+    """``kill -9`` ``process`` and every process below it, then reap it."""
+    for pid in [process.pid, *descendants(process.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.communicate()
+
+
 def kill_9_when(command, ready, timeout_s=180):
     """Start ``command``; ``kill -9`` it and every process below it as soon as ``ready()`` holds."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -214,10 +229,7 @@ def kill_9_when(command, ready, timeout_s=180):
         while time.monotonic() < deadline and process.poll() is None and not ready():
             time.sleep(0.01)
     finally:
-        for pid in [process.pid, *descendants(process.pid)]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        process.wait()
+        kill_tree(process)
     assert process.returncode == -signal.SIGKILL, "the run ended before it was killed"
 
 

@@ -469,6 +469,7 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info(f"  curves              tensorboard --logdir {args.logdir / 'tensorboard'}")
         logger.info(f"  elapsed             {time.perf_counter() - started:.1f} s")
         summary = {"best_epoch": best["epoch"], "best_accuracy": best[MAIN_METRIC], "reloaded": reloaded}
+    del ddp_model  # DDP holds the process group: let go of it so that cleanup_distributed frees it now
     barrier()
     cleanup_distributed()
     return summary
