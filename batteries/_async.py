@@ -21,12 +21,25 @@ def snapshot(obj: Any, buffers: list[torch.Tensor] | None = None) -> Any:
     With ``buffers`` (the previous snapshot's tensors, in traversal order), a tensor of the same
     shape and dtype is copied into its old buffer instead of fresh memory: no page faults, which
     cost more than the copy itself. The list is updated in place.
+
+    Tensors that are the same view of the same memory (tied weights: an embedding and the output
+    layer that shares it) become one copy, so the file stores them once and a load ties them again,
+    as ``torch.save`` of the originals does. Views that only overlap are copied separately.
     """
     index = 0
+    copied: dict[tuple, torch.Tensor] = {}  # (device, address, dtype, shape, stride) -> its copy
 
     def copy(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal index
         tensor = tensor.detach()
+        if tensor.layout != torch.strided or tensor.numel() == 0:
+            return copy_one(tensor)
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if key not in copied:
+            copied[key] = copy_one(tensor)
+        return copied[key]
+
+    def copy_one(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal index
         if buffers is None or tensor.layout != torch.strided:
             return tensor.to("cpu", copy=True)
         position, index = index, index + 1

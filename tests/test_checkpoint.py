@@ -320,6 +320,21 @@ def test_non_blocking_saves_in_a_row_keep_their_own_content(tmp_path):
         )
 
 
+def test_non_blocking_save_keeps_tied_weights_tied(tmp_path):
+    embedding = torch.nn.Embedding(500, 64)
+    head = torch.nn.Linear(64, 500, bias=False)
+    head.weight = embedding.weight  # tied, as in language models
+    model = torch.nn.ModuleDict({"embedding": embedding, "head": head})
+    save_checkpoint(make_checkpoint("s", 1, model), tmp_path, "sync.pth")
+    save_checkpoint(make_checkpoint("s", 1, model), tmp_path, "async.pth", blocking=False)
+    wait_for_saves()
+    weights = load_checkpoint(tmp_path / "async.pth", verbose=False)["model_state_dict"]
+    assert torch.equal(weights["head.weight"], embedding.weight.detach())
+    assert weights["head.weight"].data_ptr() == weights["embedding.weight"].data_ptr()  # tied after loading
+    sizes = [(tmp_path / name).stat().st_size for name in ("sync.pth", "async.pth")]
+    assert abs(sizes[1] - sizes[0]) < 1024, sizes  # 128 kB of weights stored once, not twice
+
+
 def test_copies_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):
     def no_links(source, target):
         raise OSError(1, "Operation not permitted")
