@@ -68,7 +68,11 @@ class ArgumentParser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"  # DataParallel uses every visible GPU
     parser = ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default=default_device, help=f"device to train on (default {default_device})")
+    parser.add_argument(
+        "--device",
+        default=default_device,
+        help=f"cpu, cuda (every visible GPU) or cuda:N (GPU N first; default {default_device})",
+    )
     parser.add_argument(
         "--epochs", type=int, default=20, help="total number of epochs; a resumed run continues up to it"
     )
@@ -97,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--device: unknown device {args.device!r}; expected e.g. 'cpu', 'cuda', 'cuda:1'")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device: {str(args.device)!r} requested but CUDA is not available; use --device cpu")
+    if args.device.type == "cuda" and (args.device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device: {str(args.device)!r}: only {torch.cuda.device_count()} GPU(s) visible")
     for flag, value, low in (
         ("--epochs", args.epochs, 1),
         ("--batch-size", args.batch_size, 1),
@@ -308,10 +314,16 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info(f"Data: {len(train_dataset)} train / {len(valid_dataset)} valid samples")
 
     device = args.device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     model = Net().to(device)
-    if device.type == "cuda" and torch.cuda.device_count() > 1:
-        model = nn.DataParallel(model)  # batches split over every visible GPU
-        logger.info(f"DataParallel over {torch.cuda.device_count()} GPUs")
+    # every visible GPU, the chosen one first: DataParallel keeps the weights there and gathers outputs on it
+    gpus = []
+    if device.type == "cuda":
+        gpus = [device.index, *(i for i in range(torch.cuda.device_count()) if i != device.index)]
+    if len(gpus) > 1:
+        model = nn.DataParallel(model, device_ids=gpus)  # batches split over every visible GPU
+        logger.info(f"DataParallel over {len(gpus)} GPUs: {gpus}")
     elif device.type == "cuda":
         logger.info("One GPU visible: training on it without DataParallel")
     else:
