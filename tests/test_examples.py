@@ -90,6 +90,18 @@ def test_existing_logdir_needs_resume_or_force(tmp_path):
     assert result.returncode == 0 and epochs_recorded(logdir) == [1]
 
 
+def test_resume_with_more_epochs_follows_the_longer_schedule(tmp_path):
+    logdir = tmp_path / "run"
+    assert run([DEVICE, *FAST, "--epochs", "2", "--logdir", logdir]).returncode == 0
+    result = run([DEVICE, *FAST, "--epochs", "4", "--logdir", logdir, "--resume", "auto"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert epochs_recorded(logdir) == [1, 2, 3, 4]
+    state = torch.load(logdir / "checkpoints" / "last.pth", weights_only=True)
+    assert state["scheduler_state_dict"]["T_max"] == 4
+    # annealed to 0 at the new last epoch (the old T_max of 2 would have brought it back up to 3e-3)
+    assert state["optimizer_state_dict"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 # ------------------------------------------------------------------------------ dp and ddp
 DP = ROOT / "examples" / "dp" / "experiment.py"
 DDP = ROOT / "examples" / "ddp" / "experiment.py"

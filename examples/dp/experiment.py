@@ -360,6 +360,11 @@ def main(argv: list[str] | None = None) -> dict:
         if state is None:  # an explicit --resume PATH
             state = load_checkpoint(resume, verbose=False)  # on the CPU; load_state_dict moves it
         restore_training_state(state, model, **components, manager=checkpointer)
+        if scheduler.T_max != args.epochs:  # --epochs changed: follow the cosine of the new length from here
+            logger.info(f"--epochs {args.epochs} (was {scheduler.T_max}): the learning rate follows that schedule")
+            scheduler.T_max = args.epochs
+            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base_lr * (1 + math.cos(math.pi * scheduler.last_epoch / args.epochs)) / 2
         start_epoch, position["step"] = state["epoch"] + 1, state["step"]
         if state.get("batches_done"):  # a mid-epoch checkpoint: replay the rest of that epoch
             position["first_batch"] = state["batches_done"]
