@@ -5,10 +5,7 @@ from batteries.checkpoint import (
     average_model_state_dicts,
     load_checkpoint,
     make_checkpoint,
-    make_training_state,
-    restore_training_state,
     save_checkpoint,
-    unwrap_model,
     wait_for_saves,
 )
 from batteries.device import t2d
@@ -17,6 +14,8 @@ from batteries.ema import EMA
 from batteries.log import get_logger
 from batteries.manager import CheckpointManager
 from batteries.meter import AverageMeter, AverageMetter
+from batteries.model import unwrap_model
+from batteries.resume import make_training_state, restore_training_state
 from batteries.seed import get_rng_state, seed_all, set_rng_state
 from batteries.tensorboard import TensorboardLogger
 

@@ -7,7 +7,6 @@ import dataclasses
 import enum
 import os
 import pickle
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,10 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from batteries import distributed
 from batteries._async import DEFAULT_WRITER
 from batteries._io import atomic_link, atomic_write
-from batteries.seed import get_rng_state, set_rng_state
+from batteries.model import load_model_state, strip_prefixes, unwrap_model
 
 __all__ = [
     "make_checkpoint",
@@ -29,9 +27,6 @@ __all__ = [
     "load_checkpoint",
     "average_checkpoints",
     "average_model_state_dicts",
-    "unwrap_model",
-    "make_training_state",
-    "restore_training_state",
     "CHECKPOINT_KEYS",
 ]
 
@@ -43,25 +38,6 @@ CHECKPOINT_KEYS = (
     "scheduler_state_dict",
     "metrics",
 )
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside ``nn.DataParallel``, ``DistributedDataParallel`` and ``torch.compile`` wrappers.
-
-    Args:
-        model: a bare or wrapped module (wrappers may be nested).
-
-    Returns:
-        The innermost module.
-    """
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _safe(value: Any, where: str) -> Any:
@@ -229,18 +205,6 @@ def wait_for_saves() -> None:
     DEFAULT_WRITER.wait()
 
 
-def _strip_prefixes(state_dict: Mapping[str, Any], target_keys: set[str]) -> Mapping[str, Any]:
-    """Drop ``module.`` / ``_orig_mod.`` prefixes a wrapped model's state dict carries."""
-    while state_dict and not (set(state_dict) & target_keys):
-        for prefix in _WRAPPER_PREFIXES:
-            if all(key.startswith(prefix) for key in state_dict):
-                state_dict = OrderedDict((key[len(prefix) :], value) for key, value in state_dict.items())
-                break
-        else:
-            break
-    return state_dict
-
-
 def _torch_load(path: Path, map_location: Any, weights_only: bool) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
@@ -258,17 +222,6 @@ def _torch_load(path: Path, map_location: Any, weights_only: bool) -> Any:
         raise RuntimeError(
             f"checkpoint file '{path}' is truncated, corrupt or not a torch checkpoint: {type(error).__name__}: {error}"
         ) from error
-
-
-def _load_model(model: nn.Module, checkpoint: Mapping[str, Any], path: Any, strict: bool) -> None:
-    target = unwrap_model(model)
-    if "model_state_dict" in checkpoint:
-        state_dict = checkpoint["model_state_dict"]
-    elif all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
-        state_dict = checkpoint
-    else:
-        raise KeyError(f"checkpoint '{path}' has no 'model_state_dict' and is not a bare state dict")
-    target.load_state_dict(_strip_prefixes(state_dict, set(target.state_dict())), strict=strict)
 
 
 def _load_into(component: Any, checkpoint: Mapping[str, Any], key: str, path: Path) -> None:
@@ -323,7 +276,7 @@ def load_checkpoint(
     if not isinstance(checkpoint, Mapping):
         raise RuntimeError(f"checkpoint file '{path}' holds a {type(checkpoint).__name__}, expected a dict")
     if model is not None:
-        _load_model(model, checkpoint, path, strict)
+        load_model_state(model, checkpoint, path, strict)
     if optimizer is not None:
         _load_into(optimizer, checkpoint, "optimizer_state_dict", path)
     if scheduler is not None:
@@ -360,7 +313,7 @@ def average_checkpoints(*files: str | os.PathLike) -> OrderedDict[str, torch.Ten
     for index, file in enumerate(files):
         checkpoint = load_checkpoint(file, verbose=False)
         state = checkpoint.get("model_state_dict", checkpoint)
-        state = _strip_prefixes(state, set(sums) or {""})
+        state = strip_prefixes(state, set(sums) or {""})
         if index == 0:
             for key, value in state.items():
                 sums[key] = value.double() if value.is_floating_point() else value
@@ -387,155 +340,3 @@ def average_checkpoints(*files: str | os.PathLike) -> OrderedDict[str, torch.Ten
 
 
 average_model_state_dicts = average_checkpoints
-
-
-# Keys of the training state next to the standard ones, and the component each one restores.
-_STATE_PARTS = {
-    "optimizer": "optimizer_state_dict",
-    "scheduler": "scheduler_state_dict",
-    "scaler": "scaler_state_dict",
-    "ema": "ema_state_dict",
-    "early_stop": "early_stop_state_dict",
-}
-
-
-def make_training_state(
-    model: nn.Module,
-    *,
-    epoch: int,
-    step: int = 0,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any | None = None,
-    scaler: Any | None = None,
-    ema: nn.Module | None = None,
-    early_stop: Any | None = None,
-    rng_states: list[dict[str, Any]] | None = None,
-    stage: Any = "train",
-    metrics: Mapping[str, Any] | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """Everything a resume needs, in one checkpoint dict that loads with ``weights_only=True``.
-
-    A :func:`make_checkpoint` dict plus ``step``, ``scaler_state_dict`` (AMP GradScaler),
-    ``ema_state_dict``, ``early_stop_state_dict`` and ``rng_states``: the Python, NumPy, torch CPU
-    and CUDA RNG states of every rank. Give it to :func:`save_checkpoint` or
-    ``CheckpointManager.process`` and restore it with :func:`restore_training_state`. (The
-    CheckpointManager keeps its own state in its metrics file, written on every ``process``.)
-
-    Args:
-        model: the model, bare or wrapped.
-        epoch: the last finished epoch.
-        step: optimizer steps taken so far. Default 0.
-        optimizer, scheduler, scaler, ema, early_stop: optional components (anything with
-            ``state_dict()``); None ones are stored as None.
-        rng_states: one :func:`~batteries.get_rng_state` dict per rank, index = rank; under
-            ``torch.distributed`` pass ``all_gather(get_rng_state())`` (a collective: call it on every
-            rank). Default: ``[get_rng_state()]`` of this process.
-        stage: stage name. Default ``"train"``.
-        metrics: optional metrics dict.
-        **extra: more entries (made safe as in :func:`make_checkpoint`).
-
-    Returns:
-        The checkpoint dict.
-
-    Raises:
-        ValueError / TypeError: as :func:`make_checkpoint`, or if ``step`` is not an int >= 0.
-    """
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise ValueError(f"step must be an int >= 0, got {step!r}")
-    components = {"scaler": scaler, "ema": ema, "early_stop": early_stop}
-    return make_checkpoint(
-        stage,
-        epoch,
-        model,
-        optimizer,
-        scheduler,
-        metrics,
-        step=int(step),
-        **{_STATE_PARTS[name]: None if part is None else part.state_dict() for name, part in components.items()},
-        rng_states=[get_rng_state()] if rng_states is None else list(rng_states),
-        **extra,
-    )
-
-
-def restore_training_state(
-    checkpoint: Mapping[str, Any] | str | os.PathLike,
-    model: nn.Module | None = None,
-    *,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any | None = None,
-    scaler: Any | None = None,
-    ema: nn.Module | None = None,
-    early_stop: Any | None = None,
-    manager: Any | None = None,
-    restore_rng: bool = True,
-    map_location: Any = "cpu",
-    strict: bool = True,
-) -> dict[str, Any]:
-    """Restore what :func:`make_training_state` saved into the components given.
-
-    Every component passed must find its state in the checkpoint; otherwise nothing is loaded and
-    a ``KeyError`` lists every missing part. The RNG states of this rank (``get_rank()``) are
-    restored when the checkpoint was saved by as many ranks as run now; with another world size
-    they cannot match and a warning says so. A ``manager`` is rewound to the checkpoint's epoch
-    (records of later epochs, from the run that is being replaced, are forgotten).
-
-    Args:
-        checkpoint: the dict :func:`load_checkpoint` returned, or a path to load (``weights_only=True``).
-        model, optimizer, scheduler, scaler, ema, early_stop: components to restore; None skips.
-        manager: a ``CheckpointManager`` to rewind; None skips.
-        restore_rng: restore the RNG states. Default True.
-        map_location: for a path. Default ``"cpu"``.
-        strict: passed to ``model.load_state_dict``. Default True.
-
-    Returns:
-        The checkpoint dict (``epoch``, ``step`` and extras are read from it).
-
-    Raises:
-        KeyError: naming every part asked for that the checkpoint lacks.
-        FileNotFoundError / RuntimeError / pickle.UnpicklingError: as :func:`load_checkpoint`.
-    """
-    source: Any = "<checkpoint dict>"
-    if not isinstance(checkpoint, Mapping):
-        source = checkpoint
-        checkpoint = load_checkpoint(checkpoint, map_location=map_location, verbose=False)
-    components = {
-        "optimizer": optimizer,
-        "scheduler": scheduler,
-        "scaler": scaler,
-        "ema": ema,
-        "early_stop": early_stop,
-    }
-    missing = [
-        _STATE_PARTS[name]
-        for name, part in components.items()
-        if part is not None and checkpoint.get(_STATE_PARTS[name]) is None
-    ]
-    if model is not None and "model_state_dict" not in checkpoint:
-        missing.insert(0, "model_state_dict")
-    if restore_rng and not checkpoint.get("rng_states"):
-        missing.append("rng_states")
-    if manager is not None and "epoch" not in checkpoint:
-        missing.append("epoch")
-    if missing:
-        raise KeyError(f"checkpoint {source} has no state for: {', '.join(missing)}")
-
-    if model is not None:
-        _load_model(model, checkpoint, source, strict)
-    for name, part in components.items():
-        if part is not None:
-            part.load_state_dict(checkpoint[_STATE_PARTS[name]])
-    if restore_rng:
-        rng_states = checkpoint["rng_states"]
-        world_size = distributed.get_world_size()
-        if len(rng_states) == world_size:
-            set_rng_state(rng_states[distributed.get_rank()])
-        else:
-            warnings.warn(
-                f"checkpoint {source} holds RNG states of {len(rng_states)} rank(s) but {world_size} run now: "
-                "RNG states not restored, the random streams differ from the saved run's",
-                stacklevel=2,
-            )
-    if manager is not None:
-        manager.rewind(checkpoint["epoch"])
-    return dict(checkpoint)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from batteries.checkpoint import unwrap_model
+from batteries.model import unwrap_model
 
 __all__ = ["EMA"]
 

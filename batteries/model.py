@@ -1,0 +1,55 @@
+"""Wrapped models: unwrap DataParallel / DDP / ``torch.compile`` and strip their state-dict prefixes."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["unwrap_model", "strip_prefixes", "load_model_state"]
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``nn.DataParallel``, ``DistributedDataParallel`` and ``torch.compile`` wrappers.
+
+    Args:
+        model: a bare or wrapped module (wrappers may be nested).
+
+    Returns:
+        The innermost module.
+    """
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def strip_prefixes(state_dict: Mapping[str, Any], target_keys: set[str]) -> Mapping[str, Any]:
+    """Drop ``module.`` / ``_orig_mod.`` prefixes a wrapped model's state dict carries."""
+    while state_dict and not (set(state_dict) & target_keys):
+        for prefix in WRAPPER_PREFIXES:
+            if all(key.startswith(prefix) for key in state_dict):
+                state_dict = OrderedDict((key[len(prefix) :], value) for key, value in state_dict.items())
+                break
+        else:
+            break
+    return state_dict
+
+
+def load_model_state(model: nn.Module, checkpoint: Mapping[str, Any], path: Any, strict: bool) -> None:
+    target = unwrap_model(model)
+    if "model_state_dict" in checkpoint:
+        state_dict = checkpoint["model_state_dict"]
+    elif all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+        state_dict = checkpoint
+    else:
+        raise KeyError(f"checkpoint '{path}' has no 'model_state_dict' and is not a bare state dict")
+    target.load_state_dict(strip_prefixes(state_dict, set(target.state_dict())), strict=strict)
