@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from batteries import distributed
 from batteries._async import AsyncWriter
+from batteries._checks import check_bool, check_file_name, check_int
 from batteries._io import TMP_MARK, atomic_link, atomic_write, atomic_write_json, remove_durably
 
 __all__ = ["CheckpointManager"]
+
+_LINKS = ("best.pth", "last.pth")
+_TMP_PID = re.compile(rf"^\..+{re.escape(TMP_MARK)}(\d+)-")  # the writer's pid in a temporary name (_io.tmp_path)
 
 
 def _number(value: Any, where: str) -> float | int | None:
@@ -34,29 +41,58 @@ def _number(value: Any, where: str) -> float | int | None:
     return value
 
 
+def _pid_alive(pid: int) -> bool:
+    """True if a process ``pid`` exists on this machine (or may: no permission to signal it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
 class CheckpointManager:
     """Save a checkpoint per epoch, keep the ``save_n_best`` best, and record every score.
 
     Each :meth:`process` call writes ``{checkpoint_names}_{epoch}.pth`` crash-safely, records the
-    score in ``metrics_file``, points ``last.pth`` (and ``best.pth`` when the score is the best so
-    far) at it with hard links, and deletes the numbered files that fell out of the N best. The
-    metrics file is the commit point: a crash at any instant leaves every visible file complete,
-    and a manager built over the folder again repairs the links and the N-best set from it.
+    score in ``metrics_file`` (the commit point), points ``last.pth`` (and ``best.pth`` when the
+    score is the best so far) at it with hard links, and deletes the numbered files that fell out of
+    the N best. A ``kill -9`` at any instant leaves every visible file complete; the next
+    :meth:`process` finishes what the killed one left (links, clean-up, temporary files of dead
+    processes).
 
     ``metrics.json`` holds ``{"metric_name", "metric_minimization", "save_n_best", "values": [...]}``,
     one record per epoch: ``{"epoch": e, <metric>: v, ...other score keys}``. NaN / inf are stored
-    as ``null`` (strict JSON) and never count as best. Ties go to the newer epoch. Processing an
-    epoch that is already recorded (a run resumed from an earlier checkpoint) replaces its record and
-    drops the records of later epochs, which belong to the abandoned run.
+    as ``null`` (strict JSON) and never count as best. Ties go to the newer epoch.
+
+    Who changes the folder: only :meth:`process`, :meth:`rewind` and :meth:`load_state_dict` on
+    global rank 0. Building a manager only reads ``metrics_file``, so a manager may be built on
+    every rank, or by a monitoring script, over a folder that another process is writing; on
+    ranks other than 0 :meth:`process` is a no-op that returns the path (no collective runs), so
+    both ``if rank == 0: manager.process(...)`` and calling it on every rank are right.
+
+    History: a manager built over a folder that has ``metrics_file`` continues it (history, N-best
+    set, best), also the files the original batteries toolkit wrote. Epochs only go forward: an
+    epoch at or below the newest recorded one raises ``ValueError``; :meth:`rewind` is the explicit
+    way back (``restore_training_state(..., manager=...)`` calls it). Whether an epoch is recorded
+    is read from ``metrics_file`` on disk, never assumed: once it records an epoch, no error path
+    deletes that epoch's file.
+
+    A recorded epoch whose numbered file is gone (deleted by hand, a partial copy) is restored from
+    ``best.pth`` / ``last.pth`` when one of them holds it (read with ``weights_only=True``);
+    otherwise it is marked lost with a warning (its scores stay in the history, listed under
+    ``"lost_epochs"``) and no longer counts as best. Later saves go on either way.
 
     Args:
-        logdir: folder for the checkpoints; created if missing.
+        logdir: folder for the checkpoints; created (on rank 0) if missing.
         checkpoint_names: file name prefix. Default ``"exp"``.
         metric: the key of the score that decides the best. Default ``"loss"``.
-        metric_minimization: True if lower is better. Default True.
-        save_n_best: number of numbered checkpoints to keep (>= 1). Default 1.
+        metric_minimization: True if lower is better (a bool: ``"False"`` or None raise). Default True.
+        save_n_best: number of numbered checkpoints to keep (int >= 1). Default 1.
         save_fn: ``save_fn(obj, path)``. Default ``torch.save``.
-        metrics_file: name of the history file inside ``logdir``. Default ``"metrics.json"``.
+        metrics_file: name of the history file inside ``logdir``; not ``best.pth``, ``last.pth`` or a
+            numbered name. Default ``"metrics.json"``.
         async_save: write on a background thread: :meth:`process` returns once the checkpoint's
             tensors are copied to CPU memory. At most one save is in flight (the next
             :meth:`process` waits for it); its error is raised by the next :meth:`process`,
@@ -64,8 +100,11 @@ class CheckpointManager:
             :meth:`wait` before reading them. The crash-safety guarantees are the same. Default False.
 
     Raises:
-        ValueError: on a bad argument, or if ``logdir`` already holds a metrics file with another
-            metric name or direction.
+        TypeError: on an argument of the wrong type.
+        ValueError: on a bad argument value; if ``metrics_file`` cannot be continued (not JSON,
+            ``null``, records without an epoch or with non-numeric values, another metric name or
+            direction); or if ``logdir`` holds numbered checkpoints but no ``metrics_file``. The
+            message names the file and says what to do; nothing is deleted.
 
     Example:
         >>> manager = CheckpointManager(logdir, metric="accuracy", metric_minimization=False, save_n_best=3)
@@ -83,67 +122,123 @@ class CheckpointManager:
         metrics_file: str = "metrics.json",
         async_save: bool = False,
     ) -> None:
-        if isinstance(save_n_best, bool) or not isinstance(save_n_best, int) or save_n_best < 1:
-            raise ValueError(f"save_n_best must be an int >= 1, got {save_n_best!r}")
+        self.save_n_best = check_int(save_n_best, "save_n_best", minimum=1)
+        self.metric_minimization = check_bool(metric_minimization, "metric_minimization")
+        self.async_save = check_bool(async_save, "async_save")
         if not isinstance(metric, str) or not metric or metric == "epoch":
             raise ValueError(f"metric must be a non-empty str other than 'epoch', got {metric!r}")
-        if not isinstance(checkpoint_names, str) or not checkpoint_names or os.sep in checkpoint_names:
-            raise ValueError(f"checkpoint_names must be a plain file name prefix, got {checkpoint_names!r}")
-        if not isinstance(metrics_file, str) or not metrics_file or os.sep in metrics_file:
-            raise ValueError(f"metrics_file must be a plain file name, got {metrics_file!r}")
+        check_file_name(checkpoint_names, "checkpoint_names")
+        check_file_name(metrics_file, "metrics_file")
+        if not callable(save_fn):
+            raise TypeError(f"save_fn must be callable as save_fn(obj, path), got {save_fn!r}")
+        self._pattern = re.compile(rf"^{re.escape(checkpoint_names)}_(\d+)\.pth$")
+        if metrics_file in _LINKS or self._pattern.match(metrics_file):
+            raise ValueError(
+                f"metrics_file must not be a name the manager writes checkpoints to "
+                f"(best.pth, last.pth, {checkpoint_names}_<epoch>.pth), got {metrics_file!r}"
+            )
         self.logdir = Path(logdir)
         self.checkpoint_names = checkpoint_names
         self.metric = metric
-        self.metric_minimization = bool(metric_minimization)
-        self.save_n_best = save_n_best
         self.save_fn = save_fn
         self.metrics_file = self.logdir / metrics_file
-        self.async_save = bool(async_save)
         self._writer = AsyncWriter()
+        self._submitted: int | None = None  # epoch of the asynchronous save in flight
         self.values: list[dict[str, Any]] = []
+        self.lost_epochs: list[int] = []
         self._extra: dict[str, Any] = {}
-        self._pattern = re.compile(rf"^{re.escape(checkpoint_names)}_(\d+)\.pth$")
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        if self.metrics_file.exists():
-            self._continue()
+        if distributed.is_main_process():
+            self.logdir.mkdir(parents=True, exist_ok=True)
+        if not self._load_history():
+            numbered = sorted(p.name for p in self._numbered_files())
+            if numbered:
+                raise ValueError(
+                    f"'{self.logdir}' holds numbered checkpoints ({', '.join(numbered[:5])}"
+                    f"{', ...' if len(numbered) > 5 else ''}) but no '{self.metrics_file.name}', so the manager "
+                    "cannot tell which are the best. Move them away, or build the manager with another "
+                    "logdir or checkpoint_names."
+                )
 
     # ----------------------------------------------------------------- history
-    def _continue(self) -> None:
-        """Take over the history of an earlier manager and repair what a crash may have left."""
+    def _unusable(self, problem: str) -> ValueError:
+        return ValueError(
+            f"'{self.metrics_file}' {problem}; the manager cannot continue this history. Move the file "
+            "(and the checkpoints beside it) away, or build the manager with another logdir."
+        )
+
+    def _load_history(self) -> bool:
+        """Read ``metrics_file`` into ``values`` / ``lost_epochs``; False if there is none."""
         try:
-            with open(self.metrics_file, encoding="utf-8") as file:
-                saved = json.load(file)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"'{self.metrics_file}' is not valid JSON: {error}") from error
-        if saved.get("metric_name") != self.metric:
-            raise ValueError(
-                f"'{self.metrics_file}' records metric {saved.get('metric_name')!r}, "
-                f"but this manager was built with metric={self.metric!r}"
-            )
-        if saved.get("metric_minimization") != self.metric_minimization:
-            raise ValueError(
-                f"'{self.metrics_file}' records metric_minimization={saved.get('metric_minimization')!r}, "
-                f"but this manager was built with metric_minimization={self.metric_minimization!r}"
-            )
-        self.values = list(saved.get("values", []))
-        known = {"metric_name", "metric_minimization", "save_n_best", "values"}
+            raw = self.metrics_file.read_bytes()
+        except FileNotFoundError:
+            return False
+        except IsADirectoryError:
+            raise self._unusable("is a folder, not a metrics file") from None
+        try:
+            saved = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise self._unusable(f"is not a JSON metrics file ({error})") from error
+        if isinstance(saved, list):  # the original toolkit's first format: the records alone
+            saved = {"metric_name": self.metric, "metric_minimization": self.metric_minimization, "values": saved}
+        if not isinstance(saved, dict) or not isinstance(saved.get("values"), list):
+            raise self._unusable(f'holds {type(saved).__name__} {str(saved)[:60]}, not {{"values": [...], ...}}')
+        for key, mine in (("metric_name", self.metric), ("metric_minimization", self.metric_minimization)):
+            if key not in saved or type(saved[key]) is not type(mine):
+                raise self._unusable(f"has {key}={saved.get(key)!r}, expected a {type(mine).__name__}")
+            if saved[key] != mine:
+                raise ValueError(
+                    f"'{self.metrics_file}' records {key}={saved[key]!r}, but this manager was built with "
+                    f"{'metric' if key == 'metric_name' else key}={mine!r}; build it with the same value, or "
+                    "use another logdir"
+                )
+        values = [self._check_record(record, index) for index, record in enumerate(saved["values"])]
+        epochs = [record["epoch"] for record in values]
+        if any(later <= earlier for earlier, later in zip(epochs, epochs[1:])):
+            raise self._unusable(f"records epochs out of order or twice ({epochs})")
+        lost = saved.get("lost_epochs", [])
+        if not isinstance(lost, list) or not all(type(epoch) is int for epoch in lost):
+            raise self._unusable(f"has lost_epochs={lost!r}, expected a list of ints")
+        self.values, self.lost_epochs = values, sorted(set(lost))
+        known = {"metric_name", "metric_minimization", "save_n_best", "values", "lost_epochs"}
         self._extra = {key: value for key, value in saved.items() if key not in known}
-        self._repair()
+        return True
+
+    def _check_record(self, record: Any, index: int) -> dict[str, Any]:
+        where = f"record {index} ({record!r})"
+        if not isinstance(record, dict):
+            raise self._unusable(f"{where} is not a dict")
+        epoch = record.get("epoch")
+        if type(epoch) is not int or epoch < 0:
+            raise self._unusable(f"{where} has no int epoch >= 0")
+        if self.metric not in record:
+            raise self._unusable(f"{where} has no {self.metric!r} value")
+        checked: dict[str, Any] = {"epoch": epoch}
+        for key, value in record.items():
+            if key == "epoch":
+                continue
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise self._unusable(f"{where} has {key}={value!r}, expected a number or null")
+            # NaN / Infinity literals (json.dump's default, the original toolkit's) read as null
+            checked[key] = None if value is None or not math.isfinite(value) else value
+        return checked
 
     def _path(self, epoch: int) -> Path:
         return self.logdir / f"{self.checkpoint_names}_{epoch}.pth"
 
-    def _rank_key(self, record: Mapping[str, Any]) -> tuple[float, int]:
-        """Sort key, smaller is better: the score (negated when maximising), then the newer epoch."""
-        score = record[self.metric]
-        return (score if self.metric_minimization else -score, -record["epoch"])
+    def _numbered_files(self) -> list[Path]:
+        if not self.logdir.is_dir():
+            return []
+        return [entry for entry in self.logdir.iterdir() if self._pattern.match(entry.name)]
 
     def _ranked(self) -> list[dict[str, Any]]:
-        finite = [record for record in self.values if record.get(self.metric) is not None]
-        return sorted(finite, key=self._rank_key)
+        """Records that can be best (finite score, file not lost), best first; ties to the newer epoch."""
+        lost = set(self.lost_epochs)
+        sign = 1 if self.metric_minimization else -1
+        candidates = [r for r in self.values if r.get(self.metric) is not None and r["epoch"] not in lost]
+        return sorted(candidates, key=lambda record: (sign * record[self.metric], -record["epoch"]))
 
-    def _kept_epochs(self) -> set[int]:
-        return {record["epoch"] for record in self._ranked()[: self.save_n_best]}
+    def _kept_epochs(self) -> list[int]:
+        return [record["epoch"] for record in self._ranked()[: self.save_n_best]]
 
     @property
     def best(self) -> dict[str, Any] | None:
@@ -164,6 +259,7 @@ class CheckpointManager:
         return None if best is None else best[self.metric]
 
     def _write_metrics(self) -> None:
+        extra = {"lost_epochs": self.lost_epochs} if self.lost_epochs else {}
         atomic_write_json(
             self.metrics_file,
             {
@@ -172,25 +268,17 @@ class CheckpointManager:
                 "metric_minimization": self.metric_minimization,
                 "save_n_best": self.save_n_best,
                 "values": self.values,
+                **extra,
             },
         )
 
-    def _repair(self) -> None:
-        """Make links and numbered files agree with the history (after a crash between steps)."""
-        best = self.best
-        if best is not None and self._path(best["epoch"]).exists():
-            atomic_link(self._path(best["epoch"]), self.logdir / "best.pth")
-        if self.values:
-            newest = max(self.values, key=lambda record: record["epoch"])
-            if self._path(newest["epoch"]).exists():
-                atomic_link(self._path(newest["epoch"]), self.logdir / "last.pth")
-        kept = self._kept_epochs()
-        stale = []
-        for entry in self.logdir.iterdir():
-            match = self._pattern.match(entry.name)
-            if (match and int(match.group(1)) not in kept) or (TMP_MARK in entry.name and entry.name.startswith(".")):
-                stale.append(entry)
-        remove_durably(stale)
+    def _recorded_on_disk(self, epoch: int) -> bool:
+        """Whether ``metrics_file`` on disk records ``epoch``; True when it cannot be read (keep files)."""
+        try:
+            saved = json.loads(self.metrics_file.read_text(encoding="utf-8"))
+            return any(record.get("epoch") == epoch for record in saved["values"])
+        except Exception:  # noqa: BLE001 - unreadable: assume recorded, so that nothing is deleted
+            return True
 
     # ----------------------------------------------------------------- saving
     def _record(self, score: Any, epoch: int) -> dict[str, Any]:
@@ -209,54 +297,135 @@ class CheckpointManager:
             record[key] = _number(value, f"score[{key!r}]")
         return record
 
+    def _newest_epoch(self) -> int | None:
+        epochs = [record["epoch"] for record in self.values]
+        if self._submitted is not None:
+            epochs.append(self._submitted)
+        return max(epochs, default=None)
+
     def process(self, score: Any, epoch: int, checkpoint: Mapping[str, Any]) -> Path:
-        """Save ``checkpoint`` for ``epoch`` and keep the N best.
+        """Save ``checkpoint`` for ``epoch`` and keep the N best (on global rank 0; a no-op elsewhere).
 
         Args:
             score: the value of ``metric`` (a number, NumPy scalar or one-element tensor), or a dict
                 of numbers holding ``metric``; every key of the dict is recorded.
-            epoch: epoch number (int >= 0); names the file ``{checkpoint_names}_{epoch}.pth``.
+            epoch: epoch number (int >= 0, NumPy integers too), above every epoch recorded so far;
+                names the file ``{checkpoint_names}_{epoch}.pth``.
             checkpoint: what to save, usually from ``make_checkpoint``.
 
         Returns:
-            The path of the numbered checkpoint written (it may already be deleted again if its
-            score is not among the N best; ``last.pth`` still holds it).
+            The path of the numbered checkpoint (it may already be deleted again if its score is not
+            among the N best; ``last.pth`` still holds it).
 
         Raises:
-            ValueError / TypeError / KeyError: on a bad score or epoch, before anything is written.
+            ValueError / TypeError / KeyError: on a bad score or epoch, or an epoch at or below the
+                newest recorded one (call :meth:`rewind` first to go back), before anything is written.
+            ValueError: if ``metrics_file`` was made unusable since the manager was built.
             OSError: if writing fails; the previous files and history are left as they were.
         """
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        epoch = int(epoch)
+        epoch = check_int(epoch, "epoch", minimum=0)
         record = self._record(score, epoch)
-        if self.async_save:  # the snapshot is taken here, in the caller: training may change the tensors right after
-            self._writer.submit(checkpoint, lambda data: self._commit(record, epoch, data))
-        else:
+        if not distributed.is_main_process():
+            return self._path(epoch)
+        if not self.async_save:
             self._writer.wait()
-            self._commit(record, epoch, checkpoint)
+        if self._submitted is None and self.metrics_file.exists():
+            self._load_history()  # the history on disk is the truth (an interrupted call may have committed)
+        newest = self._newest_epoch()
+        if newest is not None and epoch <= newest:
+            raise ValueError(
+                f"epoch {epoch} is not after the newest recorded epoch {newest} in '{self.metrics_file}'. "
+                f"To go back (a run resumed from an earlier checkpoint), call manager.rewind({epoch - 1}) "
+                "first, which forgets the later epochs and deletes their files; restore_training_state("
+                "..., manager=manager) does it for you."
+            )
+        if self.async_save:  # the snapshot is taken here, in the caller: training may change the tensors right after
+            self._writer.submit(checkpoint, lambda data: self._commit_async(record, data))
+            self._submitted = epoch
+        else:
+            self._commit(record, checkpoint)
         return self._path(epoch)
 
-    def _commit(self, record: dict[str, Any], epoch: int, checkpoint: Mapping[str, Any]) -> None:
-        path = self._path(epoch)
-        atomic_write(path, lambda tmp: self.save_fn(checkpoint, str(tmp)))
-        previous = self.values
-        # records of this epoch or later belong to a run that was abandoned (resumed from earlier)
-        self.values = [old for old in self.values if old["epoch"] < epoch] + [record]
+    def _commit_async(self, record: dict[str, Any], checkpoint: Mapping[str, Any]) -> None:
         try:
+            self._commit(record, checkpoint)
+        finally:
+            self._submitted = None
+
+    def _commit(self, record: dict[str, Any], checkpoint: Mapping[str, Any]) -> None:
+        epoch = record["epoch"]
+        path = self._path(epoch)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        if not self._load_history():
+            # written before the first numbered file, so that a folder with numbered files and no
+            # history never comes from a manager (it is refused, not guessed at); and rewritten from
+            # memory if it was deleted by hand, so that the N best already saved stay the N best
+            self._write_metrics()
+        committed = False
+        try:
+            atomic_write(path, lambda tmp: self.save_fn(checkpoint, str(tmp)))
+            self.values = [*self.values, record]
+            self.lost_epochs = [old for old in self.lost_epochs if old != epoch]
             self._write_metrics()  # the commit point
-        except BaseException:
-            self.values = previous
-            if all(old["epoch"] != epoch for old in previous):
-                remove_durably([path])  # not recorded: leave no orphan behind
-            raise
-        atomic_link(path, self.logdir / "last.pth")
-        best_epoch = self.best_epoch
-        if best_epoch is not None:
-            atomic_link(self._path(best_epoch), self.logdir / "best.pth")
-        kept = self._kept_epochs()
-        epochs = {old["epoch"] for old in previous} | {epoch}
-        remove_durably([self._path(old) for old in sorted(epochs - kept)])
+            committed = True
+        finally:
+            if not committed:  # whatever was raised, even KeyboardInterrupt: the disk says what is recorded
+                if not self._recorded_on_disk(epoch):
+                    with contextlib.suppress(OSError):
+                        remove_durably([path])  # not recorded: leave no orphan behind
+                with contextlib.suppress(Exception):
+                    self._load_history()
+        self._tidy()
+
+    def _holds_epoch(self, source: Path, epoch: int) -> bool:
+        """Whether ``source`` (best.pth / last.pth) is a checkpoint of ``epoch`` (read lazily)."""
+        try:
+            data = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - unreadable or not a torch checkpoint: it does not hold it
+            return False
+        return isinstance(data, Mapping) and type(data.get("epoch")) is int and data["epoch"] == epoch
+
+    def _restore_or_lose(self, warn: bool = True) -> None:
+        """Make every kept epoch's numbered file exist again, or mark the epoch lost (with a warning)."""
+        newly_lost = []
+        while True:
+            missing = [epoch for epoch in self._kept_epochs() if not self._path(epoch).exists()]
+            if not missing:
+                break
+            for epoch in missing:
+                source = next((self.logdir / n for n in _LINKS if self._holds_epoch(self.logdir / n, epoch)), None)
+                if source is not None:
+                    atomic_link(source, self._path(epoch))
+                else:
+                    self.lost_epochs = sorted({*self.lost_epochs, epoch})
+                    newly_lost.append(epoch)
+        if newly_lost:
+            self._write_metrics()
+        if newly_lost and warn:
+            warnings.warn(
+                f"checkpoints of recorded epochs {newly_lost} are missing from '{self.logdir}' and neither "
+                "best.pth nor last.pth holds them: they no longer count as best (their scores stay in "
+                f"'{self.metrics_file.name}' under 'lost_epochs')",
+                stacklevel=4,
+            )
+
+    def _tidy(self, warn: bool = True) -> None:
+        """Make the folder agree with the committed history: links, the N best, abandoned temporaries."""
+        self._restore_or_lose(warn)
+        if self.values:
+            newest = self._path(self.values[-1]["epoch"])
+            if newest.exists():
+                atomic_link(newest, self.logdir / "last.pth")
+        best = self.best_epoch
+        if best is not None:
+            atomic_link(self._path(best), self.logdir / "best.pth")
+        kept = set(self._kept_epochs())
+        stale = [entry for entry in self._numbered_files() if int(self._pattern.match(entry.name)[1]) not in kept]
+        for entry in self.logdir.iterdir():
+            match = _TMP_PID.match(entry.name)
+            if match and not _pid_alive(int(match[1])):  # a temporary file whose writer is gone
+                stale.append(entry)
+        remove_durably(stale)
 
     def wait(self) -> None:
         """Block until the asynchronous save in flight (if any) is written; re-raise its error."""
@@ -267,22 +436,27 @@ class CheckpointManager:
         self._writer.wait()
 
     def rewind(self, epoch: int) -> None:
-        """Forget the records after ``epoch`` (a run resumed from that epoch's checkpoint).
+        """Forget the records after ``epoch``: the explicit way back (a run resumed from that epoch).
 
-        Rewrites the metrics file crash-safely, points ``best.pth`` / ``last.pth`` at the remaining
-        history and deletes the numbered files of the forgotten epochs. A no-op when nothing is newer.
+        On global rank 0 it rewrites the metrics file crash-safely, deletes the numbered files of the
+        forgotten epochs and points ``best.pth`` / ``last.pth`` at the remaining history (``last.pth``
+        stays as it is when the newest remaining epoch's file was already deleted as not among the N
+        best). Elsewhere it only forgets in memory. A no-op when nothing is newer.
 
         Raises:
-            ValueError: if ``epoch`` is not an int >= 0.
+            TypeError / ValueError: if ``epoch`` is not an int >= 0.
         """
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        epoch = check_int(epoch, "epoch", minimum=0)
         self.wait()
+        if distributed.is_main_process() and self.metrics_file.exists():
+            self._load_history()
         if all(record["epoch"] <= epoch for record in self.values):
             return
         self.values = [record for record in self.values if record["epoch"] <= epoch]
-        self._write_metrics()
-        self._repair()
+        self.lost_epochs = [old for old in self.lost_epochs if old <= epoch]
+        if distributed.is_main_process():
+            self._write_metrics()
+            self._tidy(warn=False)  # epochs back among the N best had their files deleted as expected
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -293,18 +467,24 @@ class CheckpointManager:
             "metric_minimization": self.metric_minimization,
             "save_n_best": self.save_n_best,
             "values": [dict(record) for record in self.values],
+            "lost_epochs": list(self.lost_epochs),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the history from :meth:`state_dict`, rewrite the metrics file and repair the folder.
+        """Restore the history from :meth:`state_dict`; on global rank 0 also rewrite the metrics file
+        and make the folder agree with it.
 
         Raises:
-            ValueError: if the state's metric name or direction differs from this manager's.
+            ValueError: if the state's metric name or direction differs from this manager's, or its
+                records are not usable (see the class docstring).
         """
         self.wait()
         for key, mine in (("metric_name", self.metric), ("metric_minimization", self.metric_minimization)):
             if state.get(key) != mine:
                 raise ValueError(f"state has {key}={state.get(key)!r}, but this manager has {mine!r}")
-        self.values = [dict(record) for record in state["values"]]
-        self._write_metrics()
-        self._repair()
+        values = [self._check_record(record, index) for index, record in enumerate(state["values"])]
+        self.values, self.lost_epochs = values, sorted(set(state.get("lost_epochs", [])))
+        if distributed.is_main_process():
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            self._write_metrics()
+            self._tidy()

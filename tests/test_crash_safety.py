@@ -89,21 +89,20 @@ def test_kill_9_at_random_instants(tmp_path):
         numbered = [name for name in files if name.startswith("exp_")]
         assert len(numbered) <= N_BEST + 1  # the new file is in place before the dropped one goes
 
-        manager = CheckpointManager(folder, save_n_best=N_BEST)  # a restart: repairs what the kill left
+        manager = CheckpointManager(folder, save_n_best=N_BEST)  # a restart: building it changes nothing
+        assert visible_state(folder) == (files, metrics)
+        epoch = max((record["epoch"] for record in manager.values), default=0) + 1
+        score = random.Random(epoch).choice([0.5, 1.0, 1.5, 2.0, float("nan")])
+        manager.process(score=score, epoch=epoch, checkpoint=big_checkpoint(epoch))  # the next save repairs
         files, metrics = visible_state(folder)
         assert not [name for name in files if ".tmp-" in name]
         kept = sorted(int(name[4:-4]) for name in files if name.startswith("exp_"))
-        ranked = (
-            sorted((r for r in metrics["values"] if r["loss"] is not None), key=lambda r: (r["loss"], -r["epoch"]))
-            if metrics
-            else []
-        )
+        ranked = sorted((r for r in metrics["values"] if r["loss"] is not None), key=lambda r: (r["loss"], -r["epoch"]))
         assert kept == sorted(r["epoch"] for r in ranked[:N_BEST])
-        if metrics and metrics["values"]:
-            assert load_checkpoint(folder / "last.pth", verbose=False)["epoch"] == metrics["values"][-1]["epoch"]
-            if ranked:
-                assert load_checkpoint(folder / "best.pth", verbose=False)["epoch"] == ranked[0]["epoch"]
-                assert manager.best_epoch == ranked[0]["epoch"]
+        assert load_checkpoint(folder / "last.pth", verbose=False)["epoch"] == metrics["values"][-1]["epoch"] == epoch
+        if ranked:
+            assert load_checkpoint(folder / "best.pth", verbose=False)["epoch"] == ranked[0]["epoch"]
+            assert manager.best_epoch == ranked[0]["epoch"]
     saved = [int(line) for line in done_log.read_text().split()]
     assert len(saved) >= 20, "too few saves completed between kills to exercise the loop"
     assert len(phases) > 1, "no kill landed during a write"

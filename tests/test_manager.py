@@ -135,24 +135,31 @@ def test_rebuild_with_other_metric_or_direction_raises(tmp_path):
         CheckpointManager(tmp_path, metric="loss", metric_minimization=False)
 
 
-def test_reprocessing_an_epoch_replaces_it_and_later_records(tmp_path):
+def test_going_back_needs_rewind(tmp_path):
     manager = CheckpointManager(tmp_path, save_n_best=3)
     for epoch, score in [(1, 3.0), (2, 1.0), (3, 2.0)]:
         manager.process(score=score, epoch=epoch, checkpoint=checkpoint(epoch))
     manager = CheckpointManager(tmp_path, save_n_best=3)  # a run resumed from epoch 1
+    manager.rewind(1)
     manager.process(score=4.0, epoch=2, checkpoint=checkpoint(2))
     assert [v["epoch"] for v in manager.values] == [1, 2]
     assert numbered(tmp_path) == [1, 2] and manager.best_epoch == 1
     assert saved_epoch(tmp_path / "best.pth") == 1
 
 
-def test_repair_after_crash_between_steps(tmp_path):
+def test_next_save_repairs_what_a_crash_left(tmp_path):
     manager = CheckpointManager(tmp_path, save_n_best=1)
     manager.process(score=1.0, epoch=1, checkpoint=checkpoint(1))
-    # simulate a crash after the numbered file was written but before the history was committed
+    # a crash after the numbered file was written but before the history was committed, and a
+    # temporary file of a process that no longer exists
     torch.save(checkpoint(2), tmp_path / "exp_2.pth")
-    (tmp_path / ".exp_2.pth.tmp-1-deadbeef").write_bytes(b"partial")
-    CheckpointManager(tmp_path, save_n_best=1)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".exp_2.pth.tmp-{dead.pid}-deadbeef").write_bytes(b"partial")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    manager = CheckpointManager(tmp_path, save_n_best=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == left  # building it repairs nothing
+    manager.process(score=2.0, epoch=2, checkpoint=checkpoint(2))  # the writer's next save does
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "exp_1.pth", "last.pth", "metrics.json"]
 
 
