@@ -387,7 +387,7 @@ class CheckpointManager:
 
     def _restore_or_lose(self, warn: bool = True) -> None:
         """Make every kept epoch's numbered file exist again, or mark the epoch lost (with a warning)."""
-        newly_lost = []
+        newly_lost, expected = [], set(self._kept_epochs())  # the others' files went with the N best before
         while True:
             missing = [epoch for epoch in self._kept_epochs() if not self._path(epoch).exists()]
             if not missing:
@@ -401,6 +401,7 @@ class CheckpointManager:
                     newly_lost.append(epoch)
         if newly_lost:
             self._write_metrics()
+        newly_lost = [epoch for epoch in newly_lost if epoch in expected]
         if newly_lost and warn:
             warnings.warn(
                 f"checkpoints of recorded epochs {newly_lost} are missing from '{self.logdir}' and neither "

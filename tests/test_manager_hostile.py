@@ -1,0 +1,333 @@
+"""CheckpointManager under hostile use: other processes and ranks on the folder, faults at every
+step of a save, files deleted or edited by hand, epochs that go back, values Python would coerce."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from spawn import run_workers
+from torch import nn
+
+from batteries import CheckpointManager, load_checkpoint, make_checkpoint
+
+MODEL = nn.Linear(2, 1)
+
+
+def checkpoint(epoch):
+    return make_checkpoint("s", epoch, MODEL)
+
+
+def saved_epoch(path):
+    return load_checkpoint(path, verbose=False)["epoch"]
+
+
+def folder_state(folder):
+    """Every entry's name, bytes and inode: any change a manager makes shows."""
+    return {p.name: (p.read_bytes(), p.stat().st_ino) for p in sorted(folder.iterdir())}
+
+
+def filled(folder, scores, n_best=2, **kwargs):
+    manager = CheckpointManager(folder, save_n_best=n_best, **kwargs)
+    for epoch, score in enumerate(scores, start=1):
+        manager.process(score=score, epoch=epoch, checkpoint=checkpoint(epoch))
+    return manager
+
+
+def dead_pid():
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+# ------------------------------------------------------------------ 1. only the writer changes a folder
+def test_building_a_manager_never_touches_a_writers_files(tmp_path):
+    filled(tmp_path, [3.0, 1.0])
+    # what a live writer has in flight: a numbered file written but not yet recorded, and temporary
+    # files of its own and of save_checkpoint (this test process stands for the live writer)
+    torch.save(checkpoint(3), tmp_path / "exp_3.pth")
+    (tmp_path / f".exp_4.pth.tmp-{os.getpid()}-0123abcd").write_bytes(b"half")
+    (tmp_path / f".step.pth.tmp-{os.getpid()}-4567abcd").write_bytes(b"half")
+    before = folder_state(tmp_path)
+    for _ in range(2):
+        CheckpointManager(tmp_path, save_n_best=2)
+        CheckpointManager(tmp_path, save_n_best=1)  # another N-best size: still reads only
+    subprocess.run(
+        [sys.executable, "-c", f"from batteries import CheckpointManager; CheckpointManager({str(tmp_path)!r})"],
+        check=True,
+        timeout=120,
+    )
+    assert folder_state(tmp_path) == before
+
+
+def test_a_monitor_building_managers_while_the_writer_saves(tmp_path):
+    """A second process builds managers over the folder in a loop while the writer saves: the writer
+    never fails and every file it committed is there."""
+    payload = torch.arange(200_000, dtype=torch.float32)  # ~1 MB: the writes take a while
+    pid = os.fork()
+    if pid == 0:  # the writer
+        code = 1
+        try:
+            manager = CheckpointManager(tmp_path, save_n_best=2)
+            for epoch in range(1, 41):
+                score = [3.0, 1.0, 2.0, 0.5][epoch % 4] + epoch / 100
+                manager.process(score, epoch, make_checkpoint("s", epoch, MODEL, payload=payload))
+            code = 0
+        finally:
+            os._exit(code)
+    builds, status = 0, None
+    while status is None:
+        CheckpointManager(tmp_path, save_n_best=1)
+        builds += 1
+        done, code = os.waitpid(pid, os.WNOHANG)
+        status = code if done else None
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "the writer failed"
+    manager = CheckpointManager(tmp_path, save_n_best=2)
+    assert [record["epoch"] for record in manager.values] == list(range(1, 41)), "the writer failed"
+    assert builds > 5
+    kept = sorted(int(p.stem[4:]) for p in tmp_path.glob("exp_*.pth"))
+    assert kept == sorted(manager._kept_epochs()) and saved_epoch(tmp_path / "last.pth") == 40
+
+
+def _every_rank_processes(rank, world_size, folder):
+    import os as os_
+
+    def save_fn(obj, path):
+        with open(os_.path.join(folder, "..", f"writes-rank{rank}"), "a") as file:
+            file.write(f"{obj['epoch']}\n")
+        torch.save(obj, path)
+
+    manager = CheckpointManager(folder, save_n_best=1, save_fn=save_fn)
+    paths = [str(manager.process(score=float(e), epoch=e, checkpoint=checkpoint(e))) for e in (1, 2, 3)]
+    return paths
+
+
+def test_only_global_rank_0_writes_and_no_collective_runs(tmp_path):
+    folder = tmp_path / "ckpt"
+    paths = run_workers(_every_rank_processes, 2, str(folder), timeout_s=60)
+    assert paths[0] == paths[1] == [str(folder / f"exp_{e}.pth") for e in (1, 2, 3)]
+    assert (tmp_path / "writes-rank0").read_text().split() == ["1", "2", "3"]
+    assert not (tmp_path / "writes-rank1").exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pth", "exp_1.pth", "last.pth", "metrics.json"]
+
+
+def test_rank_0_alone_calling_process_does_not_hang(tmp_path):
+    run_workers(_rank_0_only, 2, str(tmp_path), timeout_s=30)
+    assert saved_epoch(tmp_path / "last.pth") == 2
+
+
+def _rank_0_only(rank, world_size, folder):
+    manager = CheckpointManager(folder)  # the original README: built on every rank
+    if rank == 0:
+        for epoch in (1, 2):
+            manager.process(score=1.0 / epoch, epoch=epoch, checkpoint=checkpoint(epoch))
+    torch.distributed.barrier()
+
+
+def test_repairs_touch_only_what_is_provably_abandoned(tmp_path):
+    manager = filled(tmp_path, [3.0, 1.0])
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        alive = tmp_path / f".step.pth.tmp-{sleeper.pid}-0123abcd"
+        abandoned = tmp_path / f".exp_3.pth.tmp-{dead_pid()}-4567abcd"
+        alive.write_bytes(b"a writer is still writing this")
+        abandoned.write_bytes(b"its writer is gone")
+        manager.process(score=2.0, epoch=3, checkpoint=checkpoint(3))
+        assert alive.exists() and not abandoned.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+# ------------------------------------------------------------------ 2. a recorded epoch's file is never deleted
+def _armed(monkeypatch, at, error):
+    """Make the ``at``-th call of os.replace / os.link / os.unlink / os.fsync / os.open raise ``error``."""
+    calls = [0]
+
+    def wrap(name):
+        real = getattr(os, name)
+
+        def faulty(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == at:
+                raise error
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, faulty)
+
+    for name in ("replace", "link", "unlink", "fsync", "open"):
+        wrap(name)
+    return calls
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError(5, "Input/output error")], ids=["interrupt", "EIO"])
+def test_a_fault_at_every_step_of_process_never_loses_a_recorded_epoch(tmp_path, monkeypatch, error):
+    # how many file-system calls one process() makes
+    probe = filled(tmp_path / "probe", [3.0, 1.0, 2.0])
+    with monkeypatch.context() as patch:
+        calls = _armed(patch, at=0, error=error)
+        probe.process(score=0.5, epoch=4, checkpoint=checkpoint(4))
+    total = calls[0]
+    assert total > 10
+    for at in range(1, total + 1):
+        folder = tmp_path / f"at{at}"
+        manager = filled(folder, [3.0, 1.0, 2.0])
+        with monkeypatch.context() as patch:
+            _armed(patch, at=at, error=error)
+            try:
+                manager.process(score=0.5, epoch=4, checkpoint=checkpoint(4))  # would be the new best
+            except (KeyboardInterrupt, OSError):
+                pass
+        recorded = [r["epoch"] for r in json.loads((folder / "metrics.json").read_text())["values"]]
+        assert recorded in ([1, 2, 3], [1, 2, 3, 4]), at
+        if 4 in recorded:  # committed: its file stays (it is the best, among the N kept)
+            assert (folder / "exp_4.pth").exists() and saved_epoch(folder / "exp_4.pth") == 4, at
+        for name in ("exp_2.pth", "best.pth", "last.pth"):  # what was there before is there, whole
+            assert saved_epoch(folder / name) in (2, 3, 4), (at, name)
+        # the next save succeeds and leaves the folder clean
+        manager.process(score=0.7, epoch=5, checkpoint=checkpoint(5))
+        names = sorted(p.name for p in folder.iterdir())
+        best, other = (4, 5) if 4 in recorded else (5, 2)
+        assert names == sorted(["best.pth", "last.pth", "metrics.json", f"exp_{best}.pth", f"exp_{other}.pth"]), at
+        assert saved_epoch(folder / "best.pth") == best and saved_epoch(folder / "last.pth") == 5
+
+
+# ------------------------------------------------------------------ 3. a missing recorded file
+def test_a_missing_kept_file_is_restored_from_best_pth(tmp_path):
+    manager = filled(tmp_path, [3.0, 1.0, 2.0])  # kept: 2 (best), 3
+    (tmp_path / "exp_2.pth").unlink()  # deleted by hand
+    for epoch, score in [(4, 5.0), (5, 6.0), (6, 7.0)]:
+        manager.process(score=score, epoch=epoch, checkpoint=checkpoint(epoch))
+    assert saved_epoch(tmp_path / "exp_2.pth") == 2 and saved_epoch(tmp_path / "best.pth") == 2
+    assert sorted(p.name for p in tmp_path.glob("exp_*")) == ["exp_2.pth", "exp_3.pth"]
+
+
+def test_a_missing_file_nothing_holds_is_forgotten_with_a_warning(tmp_path):
+    manager = filled(tmp_path, [3.0, 1.0, 2.0, 4.0])  # kept: 2 (best), 3; last is 4
+    (tmp_path / "exp_2.pth").unlink()
+    (tmp_path / "best.pth").unlink()
+    with pytest.warns(UserWarning, match=r"\[2\]"):
+        manager.process(score=5.0, epoch=5, checkpoint=checkpoint(5))
+    for epoch in (6, 7):  # later saves go on, without a warning each time
+        manager.process(score=float(epoch), epoch=epoch, checkpoint=checkpoint(epoch))
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["epoch"] for r in data["values"]] == [1, 2, 3, 4, 5, 6, 7]  # the scores stay
+    assert 2 in data["lost_epochs"]
+    assert manager.best_epoch == 3 and saved_epoch(tmp_path / "best.pth") == 3
+    assert len(list(tmp_path.glob("exp_*.pth"))) == 2
+
+
+# ------------------------------------------------------------------ 4. going back is explicit
+@pytest.mark.parametrize("async_save", [False, True])
+def test_an_epoch_at_or_below_the_newest_raises_before_writing(tmp_path, async_save):
+    manager = filled(tmp_path, [3.0, 1.0, 2.0, 4.0, 5.0], async_save=async_save)
+    manager.wait()
+    before = folder_state(tmp_path)
+    for epoch in (5, 3, 1, 0):
+        with pytest.raises(ValueError, match=r"rewind\("):
+            manager.process(score=0.1, epoch=epoch, checkpoint=checkpoint(epoch))
+    # a new process whose loop restarts at epoch 1 (a second stage)
+    with pytest.raises(ValueError, match=r"rewind\("):
+        CheckpointManager(tmp_path, save_n_best=2).process(score=0.1, epoch=1, checkpoint=checkpoint(1))
+    manager.wait()
+    assert folder_state(tmp_path) == before
+
+
+# ------------------------------------------------------------------ 5. unreadable history
+UNUSABLE = {
+    "corrupt": b'{"metric_name": "loss", "values": [',
+    "binary": b"PK\x03\x04\x80\x81\xfe\x00",
+    "null": b"null",
+    "a number": b"3",
+    "no values": b'{"metric_name": "loss", "metric_minimization": true}',
+    "no epoch": b'{"metric_name": "loss", "metric_minimization": true, "values": [{"loss": 1.0}]}',
+    "string epoch": b'{"metric_name": "loss", "metric_minimization": true, "values": [{"epoch": "1", "loss": 1.0}]}',
+    "string value": b'{"metric_name": "loss", "metric_minimization": true, "values": [{"epoch": 1, "loss": "0.5"}]}',
+    "no metric": b'{"metric_name": "loss", "metric_minimization": true, "values": [{"epoch": 1, "acc": 0.5}]}',
+    "string flag": b'{"metric_name": "loss", "metric_minimization": "true", "values": []}',
+    "epochs twice": b'{"metric_name": "loss", "metric_minimization": true, '
+    b'"values": [{"epoch": 2, "loss": 1.0}, {"epoch": 2, "loss": 0.5}]}',
+}
+
+
+@pytest.mark.parametrize("content", UNUSABLE.values(), ids=UNUSABLE.keys())
+def test_unusable_history_is_one_clear_error_and_nothing_is_deleted(tmp_path, content):
+    filled(tmp_path, [3.0, 1.0, 2.0])
+    (tmp_path / "metrics.json").write_bytes(content)
+    before = folder_state(tmp_path)
+    with pytest.raises(ValueError, match="metrics.json") as error:
+        CheckpointManager(tmp_path, save_n_best=2)
+    assert str(tmp_path) in str(error.value) and "another logdir" in str(error.value)
+    assert folder_state(tmp_path) == before
+
+
+def test_numbered_checkpoints_without_history_are_refused(tmp_path):
+    for epoch in (1, 2):
+        torch.save(checkpoint(epoch), tmp_path / f"exp_{epoch}.pth")
+    before = folder_state(tmp_path)
+    with pytest.raises(ValueError, match="exp_1.pth, exp_2.pth.*no 'metrics.json'"):
+        CheckpointManager(tmp_path)
+    assert folder_state(tmp_path) == before
+
+
+ORIGINAL_LATER = b"""{
+    "metric_name": "loss",
+    "metric_minimization": true,
+    "values": [
+        {"accuracy": 0.5, "loss": NaN, "epoch": 1},
+        {"accuracy": 0.7, "loss": 0.4, "epoch": 2},
+        {"accuracy": 0.6, "loss": Infinity, "epoch": 3}
+    ]
+}"""
+ORIGINAL_FIRST = b'[{"epoch": 1, "loss": NaN}, {"epoch": 2, "loss": 0.4}, {"epoch": 3, "loss": 0.9}]'
+
+
+@pytest.mark.parametrize("content", [ORIGINAL_LATER, ORIGINAL_FIRST], ids=["dict", "list"])
+def test_a_folder_of_the_original_toolkit_is_continued(tmp_path, content):
+    """The original wrote json.dump's NaN / Infinity literals (and, at first, a bare list)."""
+    (tmp_path / "metrics.json").write_bytes(content)
+    for name in ("exp_2.pth", "best.pth"):
+        torch.save(checkpoint(2), tmp_path / name)
+    torch.save(checkpoint(3), tmp_path / "exp_3.pth")
+    torch.save(checkpoint(3), tmp_path / "last.pth")
+    manager = CheckpointManager(tmp_path)
+    assert manager.best_epoch == 2 and manager.values[0]["loss"] is None
+    manager.process(score=0.5, epoch=4, checkpoint=checkpoint(4))
+    data = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=pytest.fail)  # strict JSON now
+    assert [r["epoch"] for r in data["values"]] == [1, 2, 3, 4] and data["values"][0]["loss"] is None
+    assert saved_epoch(tmp_path / "best.pth") == 2 and saved_epoch(tmp_path / "last.pth") == 4
+    assert sorted(p.name for p in tmp_path.glob("exp_*")) == ["exp_2.pth"]
+
+
+# ------------------------------------------------------------------ 6. names cannot collide
+@pytest.mark.parametrize("name", ["best.pth", "last.pth", "exp_3.pth", ".", "..", "", "a/metrics.json"])
+def test_metrics_file_cannot_be_a_name_the_manager_writes(tmp_path, name):
+    with pytest.raises(ValueError, match="metrics_file"):
+        CheckpointManager(tmp_path, metrics_file=name)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ 7. flags are checked, not coerced
+@pytest.mark.parametrize("flag", ["False", "True", None, 0, 1, "no"])
+def test_metric_minimization_must_be_a_bool(tmp_path, flag):
+    with pytest.raises(TypeError, match="metric_minimization"):
+        CheckpointManager(tmp_path, metric_minimization=flag)
+
+
+def test_numpy_integers_are_ints(tmp_path):
+    manager = CheckpointManager(tmp_path, save_n_best=np.int64(2))
+    for epoch in np.arange(1, 4, dtype=np.int32):
+        manager.process(score=np.float32(4 - epoch), epoch=epoch, checkpoint=checkpoint(int(epoch)))
+    assert manager.save_n_best == 2 and type(manager.save_n_best) is int
+    assert [type(r["epoch"]) for r in manager.values] == [int] * 3
+    assert sorted(p.name for p in tmp_path.glob("exp_*")) == ["exp_2.pth", "exp_3.pth"]
+    for bad in (2.0, True, "2"):
+        with pytest.raises(TypeError, match="save_n_best"):
+            CheckpointManager(tmp_path, save_n_best=bad)
+    with pytest.raises(TypeError, match="epoch"):
+        manager.process(score=1.0, epoch=4.0, checkpoint=checkpoint(4))
+    assert not math.isnan(manager.best_score)
