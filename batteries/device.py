@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections import defaultdict
+import functools
+import inspect
+from collections import UserDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,13 +19,45 @@ __all__ = ["t2d"]
 _LEAVES = frozenset({str, bytes, int, float, bool, complex, type(None)})
 
 
+@functools.cache
+def _takes_non_blocking(cls: type) -> bool:
+    """True if ``cls.to`` accepts a ``non_blocking`` keyword (by name or through ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(cls.to).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some C methods): call it without
+        return False
+    return any(p.name == "non_blocking" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def _own_to(data: Any, device: str | int | torch.device, non_blocking: bool) -> Any:
+    """``data.to(device)``, with ``non_blocking`` only when asked for and its ``.to`` accepts it."""
+    if non_blocking and _takes_non_blocking(type(data)):
+        return data.to(device, non_blocking=True)
+    return data.to(device)
+
+
+def _keep_attributes(source: Any, new: Any) -> Any:
+    """Give ``new`` the instance attributes of ``source`` that it lacks (a subclass's own fields)."""
+    attributes = getattr(source, "__dict__", None)
+    if attributes:
+        for name, value in attributes.items():
+            new.__dict__.setdefault(name, value)
+    return new
+
+
 def t2d(data: Any, device: str | int | torch.device, non_blocking: bool = False) -> Any:
     """Move every tensor inside ``data`` to ``device``, keeping the container types.
 
     Walks dicts (and other mappings), lists, tuples, namedtuples and dataclass instances,
-    recursively. Tensors (and ``PackedSequence``) are moved with ``.to(device, non_blocking=...)``;
-    any other leaf (``str``, ``int``, ``None``, NumPy arrays, ...) is returned unchanged, never
-    replaced with ``None``.
+    recursively. Tensors (and ``PackedSequence``) are moved with ``.to(device, non_blocking=...)``.
+    Any other object with its own ``.to`` method (a tokenizer's ``BatchEncoding``, a graph batch)
+    is moved by it: ``.to(device)``, plus ``non_blocking=True`` when asked for and its signature
+    accepts it. Any other leaf (``str``, ``int``, ``None``, NumPy arrays, ...) is returned
+    unchanged, never replaced with ``None``.
+
+    Types never change, and neither do instance attributes: a ``Counter``, an ``OrderedDict``
+    (with the ``_metadata`` of a ``state_dict``), a ``defaultdict`` (with its factory) or a dict
+    subclass with attributes comes back as the same type with the same attributes.
 
     Args:
         data: a tensor or a nested container of tensors.
@@ -32,7 +66,8 @@ def t2d(data: Any, device: str | int | torch.device, non_blocking: bool = False)
 
     Returns:
         A structure of the same types as ``data`` with tensors on ``device``. Containers are new
-        objects; leaves that are not tensors are the same objects.
+        objects (shallow copies for mapping subclasses); leaves that are not tensors are the same
+        objects; objects moved by their own ``.to`` are whatever it returns.
 
     Raises:
         RuntimeError: if ``device`` is not a valid device (raised by torch).
@@ -65,18 +100,27 @@ def t2d(data: Any, device: str | int | torch.device, non_blocking: bool = False)
                 for value in data
             ]
         )
+    if callable(getattr(cls, "to", None)):  # looked up on the type: an AttrDict's __getattr__ may raise KeyError
+        return _own_to(data, device, non_blocking)  # e.g. a tokenizer's BatchEncoding, a graph batch
     if isinstance(data, Mapping):
-        items = [(key, t2d(value, device, non_blocking)) for key, value in data.items()]
-        if isinstance(data, defaultdict):
-            return cls(data.default_factory, items)
+        moved = {key: t2d(value, device, non_blocking) for key, value in data.items()}
+        if isinstance(data, (dict, UserDict)):  # copies own their items: safe to overwrite them
+            new = copy.copy(data)  # same type, default_factory, attributes (_metadata of a state_dict)
+            for key, value in moved.items():  # not update(): Counter.update adds
+                new[key] = value
+            return _keep_attributes(data, new)
         try:
-            return cls(items)
-        except TypeError:  # a mapping type that cannot be built from pairs
-            return dict(items)
+            new = cls(moved)
+        except TypeError as error:
+            raise TypeError(
+                f"t2d cannot rebuild a {cls.__qualname__} from a dict of its moved items ({error}); "
+                "give the type a .to(device) method, or pass a dict"
+            ) from error
+        return _keep_attributes(data, new)
     if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
-        return cls(*(t2d(value, device, non_blocking) for value in data))
+        return _keep_attributes(data, cls(*(t2d(value, device, non_blocking) for value in data)))
     if isinstance(data, (list, tuple)):
-        return cls(t2d(value, device, non_blocking) for value in data)
+        return _keep_attributes(data, cls(t2d(value, device, non_blocking) for value in data))
     if dataclasses.is_dataclass(data) and not isinstance(data, type):
         moved = copy.copy(data)
         for field in dataclasses.fields(data):

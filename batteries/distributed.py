@@ -12,12 +12,15 @@ import datetime
 import importlib
 import math
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
+
+from batteries._checks import check_bool, check_int, check_number
 
 __all__ = [
     "get_rank",
@@ -26,12 +29,14 @@ __all__ = [
     "is_main_process",
     "is_initialized",
     "barrier",
+    "collective_device",
     "all_gather",
     "sreduce",
     "mreduce",
     "zero_rank_first",
     "broadcast_buffers",
     "DistributedEvalSampler",
+    "DistributedTrainSampler",
     "init_distributed",
     "cleanup_distributed",
 ]
@@ -88,6 +93,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def collective_device() -> torch.device:
+    """The device whose tensors this process's collectives take.
+
+    NCCL works on the current CUDA device (``torch.cuda.set_device``); gloo, and a process without
+    a group, on the CPU.
+
+    Returns:
+        ``cuda:<current device>`` under NCCL, else ``cpu``.
+    """
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_gather(obj: T) -> list[T]:
     """Gather any picklable object from every rank.
 
@@ -139,10 +158,10 @@ def mreduce(tensor: torch.Tensor, num: int) -> torch.Tensor:
         A new tensor, same shape and device as ``tensor``.
 
     Raises:
-        ValueError: if ``num`` is not a positive integer.
+        TypeError: if ``num`` is not an int (Python or NumPy; a bool is not one).
+        ValueError: if ``num`` is below 1.
     """
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"num must be a positive int, got {num!r}")
+    num = check_int(num, "num", minimum=1)
     return sreduce(tensor) / num
 
 
@@ -156,11 +175,19 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     Args:
         module: the (unwrapped) model.
         src: the rank whose buffers win. Default 0.
+
+    Raises:
+        TypeError: if ``src`` is not an int.
+        ValueError: if ``src`` is negative.
     """
+    src = check_int(src, "src", minimum=0)
     if not is_initialized() or dist.get_world_size() == 1:
         return
     for buffer in module.buffers():
         dist.broadcast(buffer.data, src=src)
+
+
+_nesting = threading.local()  # .by_local_rank: how the zero_rank_first block this thread is in orders the ranks
 
 
 @contextlib.contextmanager
@@ -173,28 +200,54 @@ def zero_rank_first(local_rank: int | None = None) -> Iterator[None]:
     waiting ranks get a ``RuntimeError`` instead of hanging, and the first rank re-raises its own
     error. Without a process group the body simply runs.
 
+    Blocks may nest (e.g. a helper that uses one, called inside another): an inner block ordered
+    the same way as the outer one runs as part of it, with no collective of its own, so the first
+    rank leaves the outer block before any other rank enters it. An inner block ordered the other
+    way (global inside per-node or the reverse) cannot keep its order there and is refused.
+
     Args:
         local_rank: this process's local rank, or None to order by global rank. Default None.
 
     Raises:
-        RuntimeError: on waiting ranks, if the body raised on a first rank.
+        TypeError: if ``local_rank`` is neither None nor an int.
+        ValueError: if ``local_rank`` is negative.
+        RuntimeError: on waiting ranks, if the body raised on a first rank; on entering a block
+            nested in one that orders the ranks the other way.
     """
+    if local_rank is not None:
+        local_rank = check_int(local_rank, "local_rank", minimum=0)
     if not is_initialized() or dist.get_world_size() == 1:
         yield
         return
-    first = (local_rank if local_rank is not None else dist.get_rank()) == 0
-    if not first:
-        failures = [status for status in all_gather(None) if status is not None]
-        if failures:
-            raise RuntimeError(f"zero_rank_first: the body failed on the first rank(s): {'; '.join(failures)}")
-        yield
+    by_local_rank = local_rank is not None
+    outer = getattr(_nesting, "by_local_rank", None)
+    if outer is not None:
+        if outer != by_local_rank:
+            kinds = {True: "zero_rank_first(local_rank=...)", False: "zero_rank_first()"}
+            raise RuntimeError(
+                f"{kinds[by_local_rank]} nested inside {kinds[outer]}: the outer block orders the ranks "
+                "differently, so the inner one cannot run on its first rank before the others; "
+                "nest blocks of the same kind or move the inner block out"
+            )
+        yield  # the outer block already runs on the first rank(s) before the others
         return
+    _nesting.by_local_rank = by_local_rank
     try:
-        yield
-    except BaseException as error:
-        all_gather(f"rank {dist.get_rank()}: {type(error).__name__}: {error}")
-        raise
-    all_gather(None)
+        first = (local_rank if by_local_rank else dist.get_rank()) == 0
+        if not first:
+            failures = [status for status in all_gather(None) if status is not None]
+            if failures:
+                raise RuntimeError(f"zero_rank_first: the body failed on the first rank(s): {'; '.join(failures)}")
+            yield
+            return
+        try:
+            yield
+        except BaseException as error:
+            all_gather(f"rank {dist.get_rank()}: {type(error).__name__}: {error}")
+            raise
+        all_gather(None)
+    finally:
+        _nesting.by_local_rank = None
 
 
 class DistributedEvalSampler(Sampler[int]):
@@ -212,16 +265,12 @@ class DistributedEvalSampler(Sampler[int]):
         rank: this rank; default ``get_rank()``.
 
     Raises:
+        TypeError: if ``num_replicas`` or ``rank`` is not an int.
         ValueError: if ``rank`` is not in ``[0, num_replicas)`` or ``num_replicas < 1``.
     """
 
     def __init__(self, dataset: Any, num_replicas: int | None = None, rank: int | None = None) -> None:
-        self.num_replicas = get_world_size() if num_replicas is None else num_replicas
-        self.rank = get_rank() if rank is None else rank
-        if self.num_replicas < 1:
-            raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas!r}")
-        if not 0 <= self.rank < self.num_replicas:
-            raise ValueError(f"rank must be in [0, {self.num_replicas}), got {self.rank!r}")
+        self.num_replicas, self.rank = _replicas_and_rank(num_replicas, rank)
         self.dataset_size = len(dataset)
 
     def __iter__(self) -> Iterator[int]:
@@ -232,6 +281,157 @@ class DistributedEvalSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:
         """Accepted for symmetry with ``DistributedSampler``; the order does not depend on it."""
+
+
+def _replicas_and_rank(num_replicas: Any, rank: Any) -> tuple[int, int]:
+    """``num_replicas`` and ``rank``, checked, with defaults from this process (no group needed)."""
+    num_replicas = get_world_size() if num_replicas is None else check_int(num_replicas, "num_replicas", minimum=1)
+    rank = get_rank() if rank is None else check_int(rank, "rank")
+    if not 0 <= rank < num_replicas:
+        raise ValueError(f"rank must be in [0, {num_replicas}), got {rank!r}")
+    return num_replicas, rank
+
+
+class DistributedTrainSampler(DistributedSampler):
+    """Sampler for training that works with and without a process group.
+
+    torch's ``DistributedSampler`` asks the process group for the world size and rank, so a script
+    that uses it fails under plain ``python``. This one takes the defaults from
+    :func:`get_world_size` / :func:`get_rank` (1 and 0 without a group; torchrun's environment
+    before the group exists) and otherwise is ``DistributedSampler``: for the same ``seed`` and
+    epoch it yields the same indices in the same order (a permutation drawn from ``seed + epoch``),
+    so switching between the two changes nothing.
+
+    Call ``set_epoch(epoch)`` before every epoch: the order differs from epoch to epoch and is the
+    same in every run. Each rank gets ``ceil(len(dataset) / num_replicas)`` indices: with
+    ``drop_last=False`` the permutation is padded with its own first indices to a multiple of
+    ``num_replicas`` (a few samples are seen twice per epoch); with ``drop_last=True`` its tail is
+    dropped instead (``floor(len(dataset) / num_replicas)`` each; a few samples are not seen that
+    epoch). With one process every index comes exactly once per epoch.
+
+    Resuming mid-epoch: ``samples_consumed`` counts this rank's indices that the current epoch has
+    already used, and iteration skips them. Iterating does not advance it (a DataLoader with
+    workers draws indices ahead of the batches it delivers): set it from your own step counter,
+    e.g. ``sampler.samples_consumed = batches_done * batch_size``, before :meth:`state_dict`.
+    ``set_epoch`` with a new epoch resets it to 0; with the epoch it already has (a resumed run
+    entering its interrupted epoch) it keeps it.
+
+    Args:
+        dataset: a sized dataset.
+        num_replicas: number of ranks; default ``get_world_size()``.
+        rank: this rank; default ``get_rank()``.
+        shuffle: draw a new permutation every epoch; False keeps the dataset order. Default True.
+        seed: seed of the permutation, the same on every rank. Default 0.
+        drop_last: drop the tail instead of padding. Default False.
+
+    Raises:
+        TypeError: if an int or bool argument has another type.
+        ValueError: if ``rank`` is not in ``[0, num_replicas)``, ``num_replicas < 1`` or ``seed < 0``.
+
+    Example:
+        >>> sampler = DistributedTrainSampler(dataset, seed=42)
+        >>> loader = DataLoader(dataset, batch_size=32, sampler=sampler)
+        >>> for epoch in range(epochs):
+        ...     sampler.set_epoch(epoch)
+        ...     for batch in loader: ...
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        num_replicas, rank = _replicas_and_rank(num_replicas, rank)
+        super().__init__(
+            dataset,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=check_bool(shuffle, "shuffle"),
+            seed=check_int(seed, "seed", minimum=0),
+            drop_last=check_bool(drop_last, "drop_last"),
+        )
+        self._samples_consumed = 0
+
+    @property
+    def samples_consumed(self) -> int:
+        """This rank's indices of the current epoch already used; ``__iter__`` skips them."""
+        return self._samples_consumed
+
+    @samples_consumed.setter
+    def samples_consumed(self, value: int) -> None:
+        self._samples_consumed = self._check_consumed(value)
+
+    def _check_consumed(self, value: Any) -> int:
+        value = check_int(value, "samples_consumed", minimum=0)
+        if value > self.num_samples:
+            raise ValueError(f"samples_consumed must be <= {self.num_samples} (this rank's share), got {value!r}")
+        return value
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self._samples_consumed :])
+
+    def __len__(self) -> int:
+        return self.num_samples - self._samples_consumed
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of ``epoch``; a new epoch starts at its first sample.
+
+        Args:
+            epoch: the epoch number (>= 0).
+
+        Raises:
+            TypeError: if ``epoch`` is not an int.
+            ValueError: if ``epoch`` is negative.
+        """
+        epoch = check_int(epoch, "epoch", minimum=0)
+        if epoch != self.epoch:
+            self._samples_consumed = 0
+        self.epoch = epoch
+
+    def state_dict(self) -> dict[str, int]:
+        """Where this sampler stands: ``epoch``, ``seed``, ``samples_consumed`` and ``num_replicas``.
+
+        Returns:
+            A dict of ints (loads with ``torch.load(weights_only=True)``).
+        """
+        return {
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "samples_consumed": self._samples_consumed,
+            "num_replicas": self.num_replicas,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from :meth:`state_dict` (the seed saved wins over the one given to the constructor).
+
+        Args:
+            state: a dict from :meth:`state_dict`.
+
+        Raises:
+            KeyError: if ``epoch``, ``seed`` or ``samples_consumed`` is missing.
+            ValueError: if the state is mid-epoch and was saved with another number of ranks (each
+                rank's share, and so ``samples_consumed``, depends on it).
+        """
+        missing = [key for key in ("epoch", "seed", "samples_consumed") if key not in state]
+        if missing:
+            raise KeyError(f"DistributedTrainSampler state is missing {missing}")
+        saved_replicas = state.get("num_replicas", self.num_replicas)
+        if state["samples_consumed"] and saved_replicas != self.num_replicas:
+            raise ValueError(
+                f"the sampler state was saved mid-epoch with num_replicas={saved_replicas!r}, this sampler has "
+                f"num_replicas={self.num_replicas}: resume with the same number of ranks, or from an epoch boundary"
+            )
+        checked = (  # all checked before any is set: a bad state leaves this sampler as it was
+            check_int(state["epoch"], "epoch", minimum=0),
+            check_int(state["seed"], "seed", minimum=0),
+            self._check_consumed(state["samples_consumed"]),
+        )
+        self.epoch, self.seed, self._samples_consumed = checked
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> torch.device:
@@ -257,8 +457,10 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> t
         The device this process should use.
 
     Raises:
+        TypeError: if ``timeout_s`` is not a number.
         ValueError: if ``timeout_s`` is not positive or the environment holds a non-integer rank.
     """
+    timeout_s = check_number(timeout_s, "timeout_s")
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
     use_cuda = torch.cuda.is_available() and backend != "gloo"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from batteries._checks import check_bool, check_int, check_number
+
 __all__ = ["EarlyStopIndicator"]
 
 
@@ -16,11 +18,14 @@ class EarlyStopIndicator:
     ``minimum_change``; an equal value is not one, NaN never is.
 
     Args:
-        patience: non-improving calls tolerated (int >= 0). Default 5.
-        metric_minimization: True if lower is better. Default True.
+        patience: non-improving calls tolerated (int >= 0, Python or NumPy). Default 5.
+        metric_minimization: True if lower is better; only ``True`` / ``False`` (``"False"`` or
+            ``None`` would silently mean the opposite or nothing). Default True.
         minimum_change: margin an improvement must exceed (>= 0). Default 0.0.
 
     Raises:
+        TypeError: if ``patience`` is not an int (a bool or ``1.5`` included),
+            ``metric_minimization`` is not a bool, or ``minimum_change`` is not a number.
         ValueError: on a negative ``patience`` or ``minimum_change``.
 
     Example:
@@ -30,18 +35,21 @@ class EarlyStopIndicator:
     """
 
     def __init__(self, patience: int = 5, metric_minimization: bool = True, minimum_change: float = 0.0) -> None:
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-            raise ValueError(f"patience must be an int >= 0, got {patience!r}")
-        if not isinstance(minimum_change, (int, float)) or not minimum_change >= 0:
-            raise ValueError(f"minimum_change must be a number >= 0, got {minimum_change!r}")
-        self.patience = patience
-        self.metric_minimization = bool(metric_minimization)
-        self.minimum_change = float(minimum_change)
+        self.patience = check_int(patience, "patience", minimum=0)
+        self.metric_minimization = check_bool(metric_minimization, "metric_minimization")
+        self.minimum_change = check_number(minimum_change, "minimum_change", minimum=0)
         self.best = math.inf if self.metric_minimization else -math.inf
         self.num_bad_calls = 0
 
     def is_improvement(self, metric: float) -> bool:
-        """True if ``metric`` beats the best by more than ``minimum_change``."""
+        """True if ``metric`` beats the best by more than ``minimum_change``.
+
+        Args:
+            metric: the value to compare (a float; NaN is never an improvement).
+
+        Returns:
+            Whether ``metric`` would count as an improvement; nothing is recorded.
+        """
         if math.isnan(metric):
             return False
         if self.metric_minimization:
@@ -51,14 +59,18 @@ class EarlyStopIndicator:
     def __call__(self, metric: Any) -> bool:
         """Record ``metric``; return True when training should stop.
 
+        Args:
+            metric: a Python / NumPy number or a one-element tensor (NaN allowed, never an improvement).
+
+        Returns:
+            True once ``patience`` calls in a row have not improved and this one does not either.
+
         Raises:
             TypeError: if ``metric`` is not a number.
         """
         if hasattr(metric, "item"):
             metric = metric.item()
-        if isinstance(metric, bool) or not isinstance(metric, (int, float)):
-            raise TypeError(f"metric must be a number, got {metric!r} ({type(metric).__name__})")
-        metric = float(metric)
+        metric = check_number(metric, "metric", finite=False)
         if self.is_improvement(metric):
             self.best = metric
             self.num_bad_calls = 0
@@ -67,6 +79,11 @@ class EarlyStopIndicator:
         return self.num_bad_calls > self.patience
 
     def state_dict(self) -> dict[str, Any]:
+        """The settings and the progress so far (``best``, ``num_bad_calls``).
+
+        Returns:
+            A dict of plain Python values.
+        """
         return {
             "patience": self.patience,
             "metric_minimization": self.metric_minimization,
@@ -76,11 +93,24 @@ class EarlyStopIndicator:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`; settings it lacks keep their current values.
+
+        Args:
+            state: a dict from :meth:`state_dict`.
+
+        Raises:
+            KeyError: if ``best`` or ``num_bad_calls`` is missing.
+            TypeError: if a value has the wrong type (checked as in the constructor).
+            ValueError: if a value is out of range.
+        """
         for key in ("best", "num_bad_calls"):
             if key not in state:
                 raise KeyError(f"EarlyStopIndicator state is missing {key!r}")
-        self.patience = state.get("patience", self.patience)
-        self.metric_minimization = state.get("metric_minimization", self.metric_minimization)
-        self.minimum_change = state.get("minimum_change", self.minimum_change)
-        self.best = float(state["best"])
-        self.num_bad_calls = int(state["num_bad_calls"])
+        checked = (  # all checked before any is set: a bad state leaves this indicator as it was
+            check_int(state.get("patience", self.patience), "patience", minimum=0),
+            check_bool(state.get("metric_minimization", self.metric_minimization), "metric_minimization"),
+            check_number(state.get("minimum_change", self.minimum_change), "minimum_change", minimum=0),
+            check_number(state["best"], "best", finite=False),
+            check_int(state["num_bad_calls"], "num_bad_calls", minimum=0),
+        )
+        self.patience, self.metric_minimization, self.minimum_change, self.best, self.num_bad_calls = checked

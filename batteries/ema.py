@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from batteries._checks import check_number
 from batteries.model import unwrap_model
 
 __all__ = ["EMA"]
@@ -17,7 +18,9 @@ class EMA(nn.Module):
     """Exponential moving average of a model's weights, after timm's ``ModelEmaV2``.
 
     ``ema = decay * ema + (1 - decay) * weights`` for floating-point parameters and buffers;
-    integer buffers (e.g. ``num_batches_tracked``) are copied. The averaged copy lives in
+    integer buffers (e.g. ``num_batches_tracked``) are copied. A tensor shared under several names
+    (tied weights, e.g. an output layer that reuses the embedding) is updated once per update. The
+    averaged copy lives in
     ``.module`` (eval mode, no gradients) and is a ``nn.Module``, so ``ema.module(x)`` evaluates
     it and ``state_dict()`` / ``load_state_dict()`` save and restore it.
 
@@ -28,14 +31,16 @@ class EMA(nn.Module):
             the model's device. Default None.
 
     Raises:
+        TypeError: if ``decay`` is not a number.
         ValueError: if ``decay`` is outside ``[0, 1]``.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, device: str | torch.device | None = None) -> None:
         super().__init__()
-        if not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+        decay = check_number(decay, "decay", minimum=0.0)
+        if decay > 1.0:
             raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
-        self.decay = float(decay)
+        self.decay = decay
         self.device = device
         self.module = copy.deepcopy(unwrap_model(model)).eval()
         self.module.requires_grad_(False)
@@ -45,10 +50,14 @@ class EMA(nn.Module):
     @torch.no_grad()
     def _apply_update(self, model: nn.Module, decay: float) -> None:
         source = unwrap_model(model).state_dict()
-        target = self.module.state_dict()
+        target = self.module.state_dict(keep_vars=True)  # the tensors themselves: tied ones are one object
         if source.keys() != target.keys():
             raise ValueError("model has different parameters / buffers than the one the EMA was built from")
+        done: set[int] = set()
         for key, ema_value in target.items():
+            if id(ema_value) in done:  # a tied tensor under a second name: already averaged once
+                continue
+            done.add(id(ema_value))
             value = source[key].to(ema_value.device)
             if ema_value.is_floating_point():
                 ema_value.lerp_(value.to(ema_value.dtype), 1.0 - decay)
@@ -56,11 +65,25 @@ class EMA(nn.Module):
                 ema_value.copy_(value)
 
     def update(self, model: nn.Module) -> None:
-        """Move the average towards ``model``'s current weights (call after ``optimizer.step()``)."""
+        """Move the average towards ``model``'s current weights (call after ``optimizer.step()``).
+
+        Args:
+            model: the trained model (bare or wrapped), with the parameters the EMA was built from.
+
+        Raises:
+            ValueError: if its parameter / buffer names differ from the averaged copy's.
+        """
         self._apply_update(model, self.decay)
 
     def set(self, model: nn.Module) -> None:
-        """Make the average equal to ``model``'s current weights (timm's ``set``)."""
+        """Make the average equal to ``model``'s current weights (timm's ``set``).
+
+        Args:
+            model: the model to copy (bare or wrapped).
+
+        Raises:
+            ValueError: if its parameter / buffer names differ from the averaged copy's.
+        """
         self._apply_update(model, 0.0)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

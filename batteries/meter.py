@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import torch
 
 from batteries import distributed
+from batteries._checks import check_int, check_number
 
 __all__ = ["AverageMeter", "AverageMetter"]
 
@@ -37,11 +37,14 @@ class AverageMeter:
     own device (in float64, float32 on MPS) with one in-place kernel and no host synchronisation
     per update; the synchronisation happens once, when ``.average`` / ``.sum`` / ``.value`` is read.
 
+    Before the first update ``value``, ``sum``, ``count`` and ``average`` are all 0, as in the
+    original batteries, timm and pytorch/examples.
+
     Attributes:
-        value: the last value given to :meth:`update` (float; NaN before the first update).
+        value: the last value given to :meth:`update` (float; 0 before the first update).
         sum: sum of ``value * n`` over all updates (float).
-        count: sum of ``n`` over all updates.
-        average: ``sum / count`` (float); NaN while ``count`` is 0.
+        count: sum of ``n`` over all updates (``counter`` is the original toolkit's name).
+        average: ``sum / count`` (float); 0 while ``count`` is 0.
 
     Example:
         >>> meter = AverageMeter()
@@ -54,26 +57,32 @@ class AverageMeter:
 
     def reset(self) -> None:
         """Forget every update."""
-        self._value: float | torch.Tensor = math.nan
+        self._value: float | torch.Tensor = 0.0
         self._sum: float | torch.Tensor = 0.0
         self.count: int | float = 0
 
-    def update(self, value: Any, n: int | float = 1) -> None:
+    def update(self, value: Any, n: int | float | None = None, times: int | float | None = None) -> None:
         """Add ``value`` with weight ``n`` (usually the batch size).
 
         Args:
             value: a number or a one-element tensor (detached; stays on its device).
-            n: weight, >= 0. ``n=0`` records ``value`` as the last value but leaves the mean unchanged.
-                Default 1.
+            n: weight, >= 0 (Python / NumPy number, not a bool). ``n=0`` records ``value`` as the
+                last value but leaves the mean unchanged. Default 1.
+            times: the original toolkit's name for ``n``; give one of the two.
 
         Raises:
+            TypeError: if ``value`` is not a number or tensor, ``n`` is not a number, or both ``n``
+                and ``times`` are given.
             ValueError: if ``n`` is negative or not finite, or a tensor holds more than one element.
-            TypeError: if ``value`` is not a number or tensor.
         """
-        if isinstance(n, bool) or not isinstance(n, (int, float, np.integer, np.floating)):
-            raise TypeError(f"n must be a number, got {n!r} ({type(n).__name__})")
-        if not math.isfinite(n) or n < 0:
-            raise ValueError(f"n must be a finite number >= 0, got {n!r}")
+        if n is not None and times is not None:
+            raise TypeError(f"give the weight as n or as times, not both (got n={n!r}, times={times!r})")
+        name = "n" if times is None else "times"
+        n = 1 if n is None and times is None else (n if times is None else times)
+        if isinstance(n, (int, np.integer)):  # ints stay ints, so count does too
+            n = check_int(n, name, minimum=0)
+        else:
+            n = check_number(n, name, minimum=0)
         value = _check(value)
         self._value = value
         if not n:
@@ -100,7 +109,7 @@ class AverageMeter:
     @property
     def average(self) -> float:
         if not self.count:
-            return math.nan
+            return 0.0
         return _to_float(self._sum) / self.count
 
     @property
@@ -117,9 +126,7 @@ class AverageMeter:
         Returns:
             A new :class:`AverageMeter`; this one is unchanged.
         """
-        device = torch.device("cpu")
-        if distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = distributed.collective_device()
         totals = distributed.sreduce(torch.tensor([self.sum, float(self.count)], dtype=torch.float64, device=device))
         reduced = type(self)()
         reduced._value = self._value
@@ -142,7 +149,7 @@ class AverageMeter:
         if missing:
             raise KeyError(f"AverageMeter state is missing {missing}")
         clone = lambda x: x.clone() if isinstance(x, torch.Tensor) else x  # noqa: E731
-        self._value = clone(state.get("value", math.nan))
+        self._value = clone(state.get("value", 0.0))
         self._sum = clone(state["sum"])
         self.count = state["count"]
 

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
-from tqdm.auto import tqdm as _tqdm
+from tqdm.std import TqdmExperimentalWarning
 
 from batteries import distributed
+
+with warnings.catch_warnings():  # tqdm.autonotebook warns when it picks the notebook bar
+    warnings.simplefilter("ignore", category=TqdmExperimentalWarning)
+    from tqdm.autonotebook import tqdm as _tqdm
 
 __all__ = ["tqdm", "trange"]
 
 
 class tqdm(_tqdm):  # noqa: N801 - the name users import
-    """``tqdm.auto.tqdm`` that is silent on ranks other than 0 and sizes itself to the terminal.
+    """``tqdm.autonotebook.tqdm`` that is silent on ranks other than 0 and sizes itself to the terminal.
 
     Takes every argument ``tqdm`` takes. ``disable`` defaults to ``not is_main_process()``,
     ``dynamic_ncols`` to True.
+
+    The base is the terminal (or notebook) bar, not ``tqdm.auto``'s asyncio subclass: that one
+    calls ``iter()`` on the iterable in its constructor, which over a ``DataLoader`` with workers
+    starts a second set of workers and draws a seed from the global torch RNG, so adding a bar
+    would change the batches and every random number after them. This bar leaves the iterable
+    alone until the loop iterates it (it may call ``len()``).
+
+    Args:
+        *args: passed to ``tqdm`` (the iterable first).
+        **kwargs: passed to ``tqdm``.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -25,5 +40,13 @@ class tqdm(_tqdm):  # noqa: N801 - the name users import
 
 
 def trange(*args: Any, **kwargs: Any) -> tqdm:
-    """``tqdm(range(*args), **kwargs)`` with the same preset."""
+    """``tqdm(range(*args), **kwargs)`` with the same preset.
+
+    Args:
+        *args: passed to ``range``.
+        **kwargs: passed to :class:`tqdm`.
+
+    Returns:
+        The progress bar over the range.
+    """
     return tqdm(range(*args), **kwargs)

@@ -1,7 +1,9 @@
 import dataclasses
-from collections import OrderedDict, defaultdict, namedtuple
+from collections import Counter, OrderedDict, UserDict, defaultdict, namedtuple
+from collections.abc import Mapping
 
 import numpy as np
+import pytest
 import torch
 from torch.nn.utils.rnn import pack_sequence
 
@@ -67,3 +69,99 @@ def test_packed_sequence():
     packed = pack_sequence([torch.ones(3), torch.ones(2)])
     out = t2d({"seq": packed}, "cpu")
     assert torch.equal(out["seq"].data, packed.data)
+
+
+# ---------------------------------------------------------------- types and attributes are kept
+class Tagged(dict):
+    """A dict subclass with attributes on the instance."""
+
+
+class TaggedList(list):
+    pass
+
+
+class AttrDict(dict):
+    """The common recipe: missing attributes raise KeyError, not AttributeError."""
+
+    __getattr__ = dict.__getitem__
+
+
+class TaggedDefaultDict(defaultdict):
+    pass
+
+
+def test_mapping_subclasses_keep_type_items_and_attributes():
+    counter = Counter({"cat": 3, "dog": 1})
+    counter.source = "labels.txt"
+    tagged = Tagged(x=torch.zeros(2))
+    tagged.split = "train"
+    state = torch.nn.Linear(2, 2).state_dict()  # an OrderedDict with _metadata, which load_state_dict reads
+    factory = TaggedDefaultDict(list, x=torch.zeros(1))
+    factory.note = "kept"
+    config = AttrDict(lr=torch.tensor(0.1))
+    out = t2d({"counter": counter, "tagged": tagged, "state": state, "factory": factory, "config": config}, "meta")
+    assert type(out["config"]) is AttrDict and out["config"].lr.is_meta
+    assert type(out["counter"]) is Counter and out["counter"] == counter and out["counter"].source == "labels.txt"
+    assert type(out["tagged"]) is Tagged and out["tagged"].split == "train" and out["tagged"]["x"].is_meta
+    assert type(out["state"]) is OrderedDict and out["state"]._metadata == state._metadata
+    assert list(out["state"]) == list(state) and out["state"]["weight"].is_meta
+    assert type(out["factory"]) is TaggedDefaultDict and out["factory"].default_factory is list
+    assert out["factory"].note == "kept" and out["factory"]["x"].is_meta
+    # the inputs are left alone
+    assert not tagged["x"].is_meta and not state["weight"].is_meta and counter == Counter({"cat": 3, "dog": 1})
+
+
+def test_list_subclass_keeps_attributes():
+    items = TaggedList([torch.zeros(1), "id"])
+    items.origin = "shard-3"
+    out = t2d(items, "meta")
+    assert type(out) is TaggedList and out.origin == "shard-3" and out[0].is_meta and out[1] == "id"
+
+
+class FakeBatchEncoding(UserDict):
+    """Like a tokenizer's ``BatchEncoding``: a UserDict with state of its own and a ``.to`` that moves it."""
+
+    def __init__(self, data, encodings=None):
+        super().__init__(data)
+        self.encodings = encodings
+        self.calls = []
+
+    def to(self, device, *, non_blocking=False):
+        self.calls.append((str(device), non_blocking))
+        self.data = {key: value.to(device, non_blocking=non_blocking) for key, value in self.data.items()}
+        return self
+
+
+class OldStyleTo(FakeBatchEncoding):
+    def to(self, device):  # older tokenizers: no non_blocking
+        self.calls.append((str(device),))
+        self.data = {key: value.to(device) for key, value in self.data.items()}
+        return self
+
+
+def test_object_with_its_own_to_is_moved_by_it():
+    encoding = FakeBatchEncoding({"input_ids": torch.zeros(2, 3, dtype=torch.long)}, encodings=["fast"])
+    out = t2d({"text": encoding, "label": torch.ones(2)}, "meta", non_blocking=True)
+    assert out["text"] is encoding and encoding.calls == [("meta", True)]
+    assert out["text"]["input_ids"].is_meta and out["text"].encodings == ["fast"]
+    old = OldStyleTo({"input_ids": torch.zeros(1)})
+    assert t2d([old], "meta", non_blocking=True)[0] is old and old.calls == [("meta",)]
+    assert old["input_ids"].is_meta
+
+
+def test_mapping_that_cannot_be_rebuilt_is_an_error_not_a_dict():
+    class Registry(Mapping):
+        def __init__(self):
+            self._items = {"w": torch.zeros(1)}
+
+        def __getitem__(self, key):
+            return self._items[key]
+
+        def __iter__(self):
+            return iter(self._items)
+
+        def __len__(self):
+            return len(self._items)
+
+    with pytest.raises(TypeError, match="Registry"):
+        t2d(Registry(), "meta")

@@ -1,6 +1,7 @@
 import contextlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,6 +27,24 @@ def test_single_process_defaults(monkeypatch):
 def test_mreduce_bad_num():
     with pytest.raises(ValueError, match="num must be"):
         distributed.mreduce(torch.ones(1), 0)
+
+
+def test_numpy_integers_are_ints_and_bools_are_not():
+    assert torch.equal(distributed.mreduce(torch.full((2,), 4.0), np.int64(2)), torch.full((2,), 2.0))
+    assert list(distributed.DistributedEvalSampler(range(5), num_replicas=np.int64(2), rank=np.int32(1))) == [1, 3]
+    for call in (
+        lambda: distributed.mreduce(torch.ones(1), True),
+        lambda: distributed.mreduce(torch.ones(1), 2.0),
+        lambda: distributed.DistributedEvalSampler(range(5), num_replicas=True, rank=0),
+        lambda: distributed.DistributedEvalSampler(range(5), num_replicas=2, rank="1"),
+    ):
+        with pytest.raises(TypeError, match="must be an int"):
+            call()
+
+
+def test_collective_device_without_a_group_is_the_cpu(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.collective_device() == torch.device("cpu")
 
 
 def test_zero_rank_first_single_process_propagates():
@@ -172,6 +191,65 @@ def test_zero_rank_first_raise_does_not_hang_the_others(world_size):
     assert results[0] == "own: download failed"
     for result in results[1:]:
         assert result.startswith("told:") and "download failed" in result
+
+
+def nested_blocks(rank, world_size, events_file):
+    def note(event):
+        with open(events_file, "a") as file:
+            file.write(f"{rank} {event}\n")
+
+    # a helper with its own zero_rank_first, called inside the script's block
+    with distributed.zero_rank_first():
+        note("enter")
+        with distributed.zero_rank_first():
+            note("inner")
+        if rank == 0:
+            time.sleep(0.5)  # rank 0 still inside the outer block
+        note("leave")
+    # nested blocks that order the ranks differently are refused on every rank, without a hang
+    try:
+        with distributed.zero_rank_first(), distributed.zero_rank_first(local_rank=rank):
+            pass
+    except RuntimeError as error:
+        refused = str(error)
+    else:
+        refused = None
+    try:  # the training sampler under a group: defaults from the group, torch's order
+        ours = distributed.DistributedTrainSampler(range(11), seed=7)
+        theirs = torch.utils.data.DistributedSampler(range(11), seed=7)
+        ours.set_epoch(2)
+        theirs.set_epoch(2)
+        sampler = (ours.num_replicas, ours.rank, list(ours), list(theirs), distributed.collective_device().type)
+    except AttributeError as error:  # code without these helpers: the checks above still report
+        sampler = repr(error)
+    return refused, sampler
+
+
+@pytest.fixture(scope="module")
+def nested(tmp_path_factory):
+    events_file = tmp_path_factory.mktemp("events") / "events.txt"
+    results = run_workers(nested_blocks, 2, str(events_file), timeout_s=60)
+    return results, [line.split() for line in events_file.read_text().splitlines()]
+
+
+def test_nested_zero_rank_first_rank_0_leaves_the_outer_block_before_others_enter(nested):
+    _, events = nested
+    assert events == [["0", "enter"], ["0", "inner"], ["0", "leave"], ["1", "enter"], ["1", "inner"], ["1", "leave"]]
+
+
+def test_nested_zero_rank_first_of_the_other_kind_is_refused_on_every_rank(nested):
+    results, _ = nested
+    for refused, _ in results:
+        assert refused is not None and "zero_rank_first(local_rank=...) nested inside zero_rank_first()" in refused
+
+
+def test_train_sampler_under_a_group_takes_its_defaults_from_it(nested):
+    results, _ = nested
+    for rank, (_, sampler) in enumerate(results):
+        num_replicas, sampler_rank, ours, theirs, collective_device = sampler
+        assert (num_replicas, sampler_rank) == (2, rank) and ours == theirs
+        assert collective_device == "cpu"  # gloo
+    assert set(results[0][1][2]) | set(results[1][1][2]) == set(range(11))
 
 
 def failing(rank, world_size):

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -46,7 +47,42 @@ def test_state_dict_round_trip():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("decay", [-0.1, 1.5, "0.9"])
-def test_bad_decay(decay):
-    with pytest.raises(ValueError, match="decay"):
+@pytest.mark.parametrize(
+    ("decay", "error"), [(-0.1, ValueError), (1.5, ValueError), ("0.9", TypeError), (True, TypeError)]
+)
+def test_bad_decay(decay, error):
+    with pytest.raises(error, match="decay"):
         EMA(make_model(), decay=decay)
+
+
+def test_numpy_decay_accepted():
+    assert EMA(make_model(), decay=np.float32(0.5)).decay == 0.5
+
+
+class TiedLanguageModel(nn.Module):
+    """The output layer reuses the embedding matrix (weight tying, as in GPT-2 / nanoGPT)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(6, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 6, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.norm(self.embed(ids)))
+
+
+def test_tied_weights_move_once_per_update():
+    torch.manual_seed(0)
+    model = TiedLanguageModel()
+    ema = EMA(model, decay=0.9)
+    assert ema.module.head.weight is ema.module.embed.weight  # the copy keeps the tie
+    old = {name: value.clone() for name, value in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param))
+    ema.update(model)
+    new = model.state_dict()
+    for name, value in ema.module.state_dict().items():  # embed.weight and head.weight alike
+        torch.testing.assert_close(value, 0.9 * old[name] + 0.1 * new[name], rtol=0, atol=1e-6)

@@ -1,10 +1,8 @@
-import math
-
 import numpy as np
 import pytest
 import torch
 
-from batteries import AverageMeter, AverageMetter
+from batteries import AverageMeter, AverageMetter, distributed
 
 
 def test_weighted_average():
@@ -15,13 +13,62 @@ def test_weighted_average():
     assert meter.sum == pytest.approx(6.0) and meter.count == 3 and meter.value == 4.0
 
 
-def test_empty_and_n_zero():
+def test_zero_before_the_first_update_as_the_original_timm_and_pytorch_examples():
+    for meter in (AverageMeter(), AverageMetter()):
+        assert (meter.value, meter.average, meter.sum, meter.count, meter.counter) == (0, 0, 0, 0, 0)
+        assert f"{meter.average:.4f}" == "0.0000"  # a progress bar's postfix before the first batch
     meter = AverageMeter()
-    assert math.isnan(meter.average) and meter.count == 0
+    meter.update(2.0)
+    meter.reset()
+    assert (meter.value, meter.average, meter.sum, meter.count) == (0, 0, 0, 0)
+    meter.load_state_dict({"sum": 0.0, "count": 0})  # a state without "value"
+    assert meter.value == 0
+
+
+def test_n_zero():
+    meter = AverageMeter()
     meter.update(5.0, n=0)
-    assert meter.count == 0 and math.isnan(meter.average) and meter.value == 5.0
+    assert meter.count == 0 and meter.average == 0 and meter.value == 5.0
     meter.update(3.0, n=2)
     assert meter.average == 3.0
+
+
+def test_times_is_the_original_name_of_n():
+    meter = AverageMetter()
+    meter.update(1.0, times=3)
+    meter.update(5.0, n=1)
+    meter.update(2.0)
+    assert meter.counter == 5 and meter.average == pytest.approx(10.0 / 5)
+    with pytest.raises(TypeError, match="not both"):
+        meter.update(1.0, n=2, times=2)
+    with pytest.raises(ValueError, match="times"):
+        meter.update(1.0, times=-1)
+    assert meter.count == 5
+
+
+def test_numpy_integer_weights_count_as_ints_and_bools_are_refused():
+    meter = AverageMeter()
+    meter.update(1.0, np.int64(3))
+    meter.update(1.0, n=np.uint8(2))
+    assert meter.count == 5 and type(meter.count) is int
+    for weight in (True, np.bool_(True), "2"):
+        with pytest.raises(TypeError, match="n must be"):
+            meter.update(1.0, weight)
+    assert meter.count == 5
+
+
+def test_all_reduce_asks_distributed_for_the_device(monkeypatch):
+    # meter.py has no rank logic of its own: the device collectives use comes from distributed.py
+    asked = []
+
+    def collective_device():
+        asked.append(True)
+        return torch.device("cpu")
+
+    monkeypatch.setattr(distributed, "collective_device", collective_device)
+    meter = AverageMeter()
+    meter.update(2.0, 3)
+    assert meter.all_reduce().average == 2.0 and asked == [True]
 
 
 def test_tensor_and_numpy_values_match_floats():
