@@ -8,6 +8,7 @@ from batteries.checkpoint import (
     save_checkpoint,
     wait_for_saves,
 )
+from batteries.data import make_loader
 from batteries.device import t2d
 from batteries.early_stop import EarlyStopIndicator
 from batteries.ema import EMA
@@ -34,6 +35,7 @@ __all__ = [
     "get_rng_state",
     "load_checkpoint",
     "make_checkpoint",
+    "make_loader",
     "make_training_state",
     "restore_training_state",
     "save_checkpoint",

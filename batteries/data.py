@@ -1,0 +1,78 @@
+"""DataLoaders for training loops: reproducible worker seeds, and no worker outliving its run."""
+
+from __future__ import annotations
+
+import multiprocessing
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from batteries._checks import check_int
+from batteries.seed import seed_all
+
+__all__ = ["make_loader"]
+
+# Modules the forkserver imports once, so that a worker starts in milliseconds instead of
+# importing torch again; _orphan_guard makes the server die with the process that started it.
+_PRELOAD = ["batteries._orphan_guard", "torch", "numpy", "batteries"]
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    sampler: Sampler | None = None,
+    num_workers: int = 0,
+    seed: int = 0,
+    **kwargs: Any,
+) -> DataLoader:
+    """A ``DataLoader`` whose randomness is reproducible and whose workers never outlive the run.
+
+    - Worker seeds: ``worker_init_fn=seed_all`` and a generator seeded with ``seed``: every
+      worker's ``random`` / NumPy / torch seeds differ from each other and from epoch to epoch, and
+      repeat exactly in a run with the same seed. Creating the loader draws nothing from the
+      global RNG.
+    - Workers (``num_workers > 0``) start from a forkserver, not by forking this process: a fork
+      of a process that runs threads (TensorBoard writers, queue feeders, background saves) can
+      deadlock the new worker inside CPython. The server preloads torch once, so a worker starts
+      in milliseconds, and on Linux it dies with the process that started it: a run killed with
+      ``kill -9`` or SIGTERM leaves no server or worker behind (without this, both stay forever).
+      Where there is no forkserver (Windows, macOS' default), the platform's default is used.
+
+    Args:
+        dataset: a map-style dataset.
+        batch_size: samples per batch (int >= 1).
+        sampler: the order, e.g. :class:`~batteries.distributed.DistributedTrainSampler` for training;
+            None reads the dataset in order (evaluation). Default None.
+        num_workers: worker processes (int >= 0). Default 0.
+        seed: seed of the loader's generator (int >= 0). Default 0.
+        **kwargs: passed to ``DataLoader`` (``pin_memory``, ``drop_last``, ``collate_fn``, ...).
+
+    Returns:
+        The ``DataLoader``.
+
+    Raises:
+        TypeError / ValueError: if ``batch_size``, ``num_workers`` or ``seed`` is not an int in range.
+
+    Example:
+        >>> sampler = DistributedTrainSampler(train_dataset, seed=42)
+        >>> loader = make_loader(train_dataset, 64, sampler=sampler, num_workers=2, seed=42)
+    """
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    num_workers = check_int(num_workers, "num_workers", minimum=0)
+    seed = check_int(seed, "seed", minimum=0)
+    context = None
+    if num_workers > 0 and "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        multiprocessing.set_forkserver_preload(_PRELOAD)  # read when the server starts (the first loader)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        worker_init_fn=kwargs.pop("worker_init_fn", seed_all),
+        multiprocessing_context=kwargs.pop("multiprocessing_context", context),
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    )
