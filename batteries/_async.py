@@ -1,17 +1,24 @@
-"""One background writer thread for asynchronous checkpoint saves (at most one save in flight)."""
+"""Background writer threads for asynchronous checkpoint saves (at most one save in flight per writer).
+
+A background save's error is never lost. :meth:`AsyncWriter.submit` and :meth:`AsyncWriter.wait`
+re-raise it; a job whose outcome no call has seen by interpreter exit is reported then, whichever
+writer ran it (the default one of ``save_checkpoint``, a ``CheckpointManager``'s own, or one that
+was garbage collected): its traceback is printed to stderr and the process ends with exit status 1.
+"""
 
 from __future__ import annotations
 
 import atexit
-import logging
+import copy
+import os
+import sys
 import threading
+import traceback
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 
 def snapshot(obj: Any, buffers: list[torch.Tensor] | None = None) -> Any:
@@ -22,6 +29,11 @@ def snapshot(obj: Any, buffers: list[torch.Tensor] | None = None) -> Any:
     shape and dtype is copied into its old buffer instead of fresh memory: no page faults, which
     cost more than the copy itself. The list is updated in place.
 
+    Containers keep their type and attributes, so the file stores what ``torch.save`` of ``obj``
+    stores: a dict subclass is shallow-copied (``copy.copy``: a ``Counter``, a ``defaultdict`` with
+    its ``default_factory``, an ``OrderedDict`` state dict with its ``_metadata``) before its values
+    are replaced by their snapshots; namedtuples, tuples and lists are rebuilt as their own type.
+
     Tensors that are the same view of the same memory (tied weights: an embedding and the output
     layer that shares it) become one copy, so the file stores them once and a load ties them again,
     as ``torch.save`` of the originals does. Views that only overlap are copied separately.
@@ -29,7 +41,7 @@ def snapshot(obj: Any, buffers: list[torch.Tensor] | None = None) -> Any:
     index = 0
     copied: dict[tuple, torch.Tensor] = {}  # (device, address, dtype, shape, stride) -> its copy
 
-    def copy(tensor: torch.Tensor) -> torch.Tensor:
+    def copy_tensor(tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.detach()
         if tensor.layout != torch.strided or tensor.numel() == 0:
             return copy_one(tensor)
@@ -58,10 +70,14 @@ def snapshot(obj: Any, buffers: list[torch.Tensor] | None = None) -> Any:
 
     def walk(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            return copy(value)
+            return copy_tensor(value)
+        if isinstance(value, dict):
+            new = copy.copy(value)  # same type, same attributes (default_factory, _metadata)
+            for key in new:
+                new[key] = walk(new[key])
+            return new
         if isinstance(value, Mapping):
-            items = [(key, walk(item)) for key, item in value.items()]
-            return type(value)(items) if isinstance(value, dict) else dict(items)
+            return {key: walk(item) for key, item in value.items()}
         if isinstance(value, tuple) and hasattr(value, "_fields"):
             return type(value)(*(walk(item) for item in value))
         if isinstance(value, (list, tuple)):
@@ -71,11 +87,25 @@ def snapshot(obj: Any, buffers: list[torch.Tensor] | None = None) -> Any:
     return walk(obj)
 
 
+# Every job whose outcome (its error, if it failed) no caller has seen yet, whichever writer ran it.
+# Futures, not writers: the error of a writer that was garbage collected (its owner dropped) is
+# still reported at exit; a finished job that succeeded leaves the set at once.
+_unreported: set[Future] = set()
+_unreported_lock = threading.Lock()
+
+
+def _forget_if_ok(future: Future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        with _unreported_lock:
+            _unreported.discard(future)
+
+
 class AsyncWriter:
     """Runs write jobs on one background thread, one at a time.
 
     :meth:`submit` first waits for the job in flight and re-raises its error, so an error surfaces
-    at the next call at the latest; :meth:`wait` surfaces it explicitly. Snapshots reuse the
+    at the next call at the latest; :meth:`wait` surfaces it explicitly. A job whose error no call
+    has seen by interpreter exit is reported then (see the module docstring). Snapshots reuse the
     previous snapshot's CPU buffers (it is written by then).
     """
 
@@ -92,7 +122,12 @@ class AsyncWriter:
             data = snapshot(obj, self._buffers)  # the previous job is done: its buffers are free
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batteries-save")
-            self._pending = self._executor.submit(job, data)
+            future = self._executor.submit(job, data)
+            with _unreported_lock:
+                _unreported.add(future)
+            future.add_done_callback(_forget_if_ok)
+            self._pending = future
+            _run_report_first()
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is written; re-raise its error."""
@@ -102,7 +137,11 @@ class AsyncWriter:
     def _wait_locked(self) -> None:
         pending, self._pending = self._pending, None
         if pending is not None:
-            pending.result()
+            try:
+                pending.result()
+            finally:
+                with _unreported_lock:
+                    _unreported.discard(pending)
 
     @property
     def busy(self) -> bool:
@@ -112,9 +151,60 @@ class AsyncWriter:
 DEFAULT_WRITER = AsyncWriter()
 
 
-@atexit.register
-def _finish_at_exit() -> None:
-    try:
-        DEFAULT_WRITER.wait()
-    except BaseException:  # noqa: BLE001 - the interpreter is exiting: report, do not hide
-        logger.exception("an asynchronous checkpoint save failed")
+def _report_at_exit() -> None:
+    """Interpreter exit: report every background save that failed unseen, then exit with status 1.
+
+    By exit time the writer threads have finished (``concurrent.futures`` joins them before the
+    exit handlers run). A failure's traceback is printed to stderr. Python cannot change the exit
+    status from an exit handler, so the process then ends with ``os._exit(1)``. This handler is
+    kept the newest one (registered again at a submit when another was registered since), so it
+    runs first and, before ``os._exit``, runs the other exit handlers (logging, multiprocessing,
+    torch, the user's) once each; if one was registered after the last submit, some have run
+    already and the rest are skipped rather than any run twice. Standard output and error are flushed.
+    """
+    if _exiting:  # called again by the _run_exitfuncs below
+        return
+    with _unreported_lock:
+        futures = list(_unreported)
+        _unreported.clear()
+    failures = [future.exception() for future in futures if not future.cancelled() and future.exception()]
+    if not failures:
+        return
+    for error in failures:
+        print(
+            "batteries: a background checkpoint save failed and no later call reported its error "
+            "(call wait_for_saves() or manager.close() before the program ends); its file was not written:",
+            file=sys.stderr,
+        )
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+    _exiting.append(True)
+    if _newest_registered():
+        atexit._run_exitfuncs()  # the others, once each: nothing runs after os._exit
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed stream: nothing to flush
+            pass
+    os._exit(1)
+
+
+_exiting: list[bool] = []  # not empty once _report_at_exit is ending the process
+_registered_at: list[int | None] = [None]  # the number of exit handlers right after this module registered its own
+
+
+def _newest_registered() -> bool:
+    count = getattr(atexit, "_ncallbacks", None)
+    return count is not None and count() == _registered_at[0]
+
+
+def _run_report_first() -> None:
+    """Make :func:`_report_at_exit` the newest exit handler (the first to run), unless it is already."""
+    if _newest_registered():
+        return
+    atexit.unregister(_report_at_exit)
+    atexit.register(_report_at_exit)
+    count = getattr(atexit, "_ncallbacks", None)
+    _registered_at[0] = count() if count is not None else None
+
+
+_run_report_first()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -41,10 +42,43 @@ def _discard(path: Path) -> None:
         path.unlink()
 
 
+def write_error(error: BaseException, final: Path, tmp: Path) -> BaseException:
+    """The error to raise for a failed write of ``final`` (through ``tmp``): an ``OSError`` naming ``final``.
+
+    ``torch.save`` reports a full disk (``ENOSPC``) or a file past the size limit (``EFBIG``) as a
+    ``RuntimeError`` ("file write failed", "unexpected pos"); it becomes the ``OSError`` it is,
+    ``EFBIG`` when the temporary file reached the ``RLIMIT_FSIZE`` limit, else ``ENOSPC``. An
+    ``OSError`` with an errno but no file name (``file.write`` on a full disk) gets ``final`` as
+    its file name. Anything else is returned unchanged.
+    """
+    if isinstance(error, RuntimeError) and any(
+        mark in str(error) for mark in ("file write failed", "unexpected pos", "failed writing file")
+    ):
+        code = errno.EFBIG if _at_size_limit(tmp) else errno.ENOSPC
+        return OSError(code, f"{os.strerror(code)} (torch.save: {str(error).strip()})", str(final))
+    if isinstance(error, OSError) and error.errno is not None and error.filename is None:
+        return OSError(error.errno, error.strerror or str(error), str(final))
+    return error
+
+
+def _at_size_limit(tmp: Path) -> bool:
+    try:
+        import resource
+    except ImportError:  # Windows: no file size limit
+        return False
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    try:
+        return limit != resource.RLIM_INFINITY and tmp.stat().st_size >= limit
+    except OSError:
+        return False
+
+
 def atomic_write(final: Path, write: Callable[[Path], Any], *, sync_file: bool = True) -> None:
     """Write ``final`` through ``write(tmp)`` so that ``final`` is either the old or the new file.
 
-    Any error (disk full, a failing ``write``) removes the temporary file and propagates.
+    Any error (disk full, a failing ``write``) removes the temporary file and propagates; a full
+    disk or a file past the size limit as an ``OSError`` (``ENOSPC`` / ``EFBIG``) that names
+    ``final``, also where ``torch.save`` reports it as a ``RuntimeError`` (see :func:`write_error`).
     ``sync_file=False`` when ``write`` makes the data durable itself (a hard link to a synced file).
     """
     tmp = tmp_path(final)
@@ -53,9 +87,12 @@ def atomic_write(final: Path, write: Callable[[Path], Any], *, sync_file: bool =
         if sync_file:
             fsync_file(tmp)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as error:
+        mapped = write_error(error, final, tmp)
         _discard(tmp)
-        raise
+        if mapped is error:
+            raise
+        raise mapped from error
     fsync_dir(final.parent)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import enum
 import os
@@ -16,9 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from batteries._async import DEFAULT_WRITER
+from batteries import distributed
+from batteries._async import DEFAULT_WRITER, snapshot
+from batteries._checks import check_file_name
 from batteries._io import atomic_link, atomic_write
-from batteries.model import load_model_state, strip_prefixes, unwrap_model
+from batteries.model import model_state_for, strip_prefixes, unwrap_model
 
 __all__ = [
     "make_checkpoint",
@@ -40,23 +43,50 @@ CHECKPOINT_KEYS = (
 )
 
 
-def _safe(value: Any, where: str) -> Any:
-    """Turn ``value`` into something ``torch.load(weights_only=True)`` reads, or raise TypeError."""
-    if isinstance(value, np.generic):  # before the int / float check: np.float64 subclasses float
-        return value.item()
-    if value is None or isinstance(value, (bool, int, float, str, bytes, torch.dtype, torch.device)):
+_PLAIN = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device)  # load with weights_only=True
+
+
+def _safe(value: Any, where: str, state: bool = False) -> Any:
+    """``value`` in a form ``torch.load(weights_only=True)`` reads back, or TypeError naming ``where``.
+
+    NumPy scalars become Python numbers, NumPy arrays tensors, mappings dicts (an ``OrderedDict``
+    inside a state dict stays one, with the ``_metadata`` that ``load_state_dict`` reads),
+    ``argparse.Namespace`` / dataclasses / namedtuples dicts, enums their value, paths strs.
+    ``state=True`` for a state dict: tensors stay as they are (0-d ones too, e.g. an optimizer's
+    ``step``); elsewhere (metrics, extras) 0-d tensors become Python numbers and tensors move to the CPU.
+    """
+    if type(value) in _PLAIN:
         return value
     if isinstance(value, torch.Tensor):
+        if state:
+            return value
         value = value.detach()
         return value.item() if value.dim() == 0 else value.cpu()
+    if isinstance(value, np.generic):  # before the int / float check: np.float64 subclasses float
+        item = value.item()
+        if isinstance(item, np.generic):  # e.g. np.longdouble: no Python type holds it
+            raise TypeError(f"{where}: a NumPy {value.dtype} scalar has no Python form that a safe load reads")
+        return _safe(item, where, state)
     if isinstance(value, np.ndarray):
-        if value.dtype == object:
-            raise TypeError(f"{where}: NumPy arrays of dtype object cannot be saved safely")
-        return torch.from_numpy(np.ascontiguousarray(value))
+        if value.dtype.kind not in "biufc":  # str, bytes, datetime64, timedelta64, object, structured
+            raise TypeError(
+                f"{where}: a NumPy array of dtype {value.dtype} has no form that torch.load(weights_only=True) "
+                "reads; convert it to numbers or a list of strs"
+            )
+        if not value.dtype.isnative:
+            value = value.astype(value.dtype.newbyteorder("="))
+        try:
+            tensor = torch.from_numpy(np.ascontiguousarray(value))
+        except TypeError as error:  # a dtype torch has no tensors of (e.g. float128)
+            raise TypeError(f"{where}: a NumPy array of dtype {value.dtype} cannot become a tensor: {error}") from None
+        return _safe(tensor, where, state)
+    if isinstance(value, enum.Enum):
+        return _safe(value.value, where, state)
     if isinstance(value, os.PathLike):
         return os.fspath(value)
-    if isinstance(value, enum.Enum):
-        return _safe(value.value, where)
+    for plain in (int, float, str, bytes):  # a subclass of a plain type (not an enum): the plain value
+        if isinstance(value, plain):
+            return plain(value)
     if isinstance(value, argparse.Namespace):
         value = vars(value)
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -64,14 +94,18 @@ def _safe(value: Any, where: str) -> Any:
     elif isinstance(value, tuple) and hasattr(value, "_asdict"):  # namedtuple
         value = value._asdict()
     if isinstance(value, Mapping):
-        out = {}
+        keep = state and isinstance(value, OrderedDict)
+        out: dict[Any, Any] = OrderedDict() if keep else {}
         for key, item in value.items():
-            if not isinstance(key, (str, int, float, bool)) and key is not None:
+            safe_key = key.item() if isinstance(key, np.generic) else key
+            if type(safe_key) not in (str, int, float, bool, type(None)):
                 raise TypeError(f"{where}: dict key {key!r} of type {type(key).__name__} cannot be saved safely")
-            out[key] = _safe(item, f"{where}[{key!r}]")
+            out[safe_key] = _safe(item, f"{where}[{key!r}]", state)
+        if keep and isinstance(getattr(value, "_metadata", None), Mapping):
+            out._metadata = _safe(value._metadata, f"{where}._metadata")  # type: ignore[attr-defined]
         return out
     if isinstance(value, (list, tuple, set, frozenset)):
-        items = [_safe(item, f"{where}[{index}]") for index, item in enumerate(value)]
+        items = [_safe(item, f"{where}[{index}]", state) for index, item in enumerate(value)]
         return tuple(items) if isinstance(value, tuple) else items
     raise TypeError(
         f"{where}: a value of type {type(value).__name__} has no form that torch.load(weights_only=True) "
@@ -91,10 +125,13 @@ def make_checkpoint(
     """Collect what a checkpoint holds into one dict that loads with ``weights_only=True``.
 
     The model is unwrapped first (DataParallel, DDP, ``torch.compile``), so its keys carry no
-    ``module.`` prefix. ``metrics`` and ``extra`` values are made safe: NumPy scalars and 0-d tensors
-    become Python numbers, NumPy arrays tensors, ``argparse.Namespace`` and dataclasses dicts,
-    ``Path`` a str. Extra keys ending in ``state_dict`` (e.g. ``ema_state_dict=ema.state_dict()``)
-    are stored unchanged, since state dicts hold 0-d tensors that must stay tensors.
+    ``module.`` prefix. Every value is made safe to load, so that nothing is written that a load
+    then refuses: NumPy scalars become Python numbers, NumPy arrays tensors, ``argparse.Namespace``,
+    dataclasses and namedtuples dicts, enums their value, ``Path`` a str. In ``metrics`` and the
+    ``extra`` values 0-d tensors become Python numbers; in state dicts (the model's, optimizer's,
+    scheduler's and ``extra`` keys ending in ``state_dict``, e.g. ``ema_state_dict=ema.state_dict()``)
+    tensors stay tensors (0-d ones too, e.g. an optimizer's ``step``) and an ``OrderedDict`` keeps
+    its ``_metadata``; a NumPy learning rate in ``param_groups`` becomes a Python float.
 
     Args:
         stage: stage name, e.g. ``"stage_0"``.
@@ -107,12 +144,15 @@ def make_checkpoint(
 
     Returns:
         A dict with keys ``stage``, ``epoch``, ``model_state_dict``, ``optimizer_state_dict``,
-        ``scheduler_state_dict``, ``metrics`` (None where not given) and the ``extra`` keys.
+        ``scheduler_state_dict``, ``metrics`` and the ``extra`` keys. The key of a component not
+        given (None) is left out, as the original toolkit did: ``"scheduler_state_dict" in
+        checkpoint`` says whether it holds one.
 
     Raises:
         ValueError: if an ``extra`` key clashes with a standard key.
-        TypeError: if ``model`` is not an ``nn.Module``, or a metrics / extra value has no safe
-            form (the message names its key).
+        TypeError: if ``model`` is not an ``nn.Module``, or a value (in a state dict too) has no
+            form that ``torch.load(weights_only=True)`` reads, e.g. a NumPy str or datetime64
+            array or an arbitrary object; the message names its key path.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -122,14 +162,16 @@ def make_checkpoint(
     checkpoint = {
         "stage": _safe(stage, "stage"),
         "epoch": _safe(epoch, "epoch"),
-        "model_state_dict": unwrap_model(model).state_dict(),
-        "optimizer_state_dict": None if optimizer is None else optimizer.state_dict(),
-        "scheduler_state_dict": None if scheduler is None else scheduler.state_dict(),
-        "metrics": _safe(metrics, "metrics"),
+        "model_state_dict": _safe(unwrap_model(model).state_dict(), "model_state_dict", state=True),
     }
+    if optimizer is not None:
+        checkpoint["optimizer_state_dict"] = _safe(optimizer.state_dict(), "optimizer_state_dict", state=True)
+    if scheduler is not None:
+        checkpoint["scheduler_state_dict"] = _safe(scheduler.state_dict(), "scheduler_state_dict", state=True)
+    if metrics is not None:
+        checkpoint["metrics"] = _safe(metrics, "metrics")
     for key, value in extra.items():
-        # a state dict keeps its tensors as they are (0-d ones too, e.g. BatchNorm's num_batches_tracked)
-        checkpoint[key] = value if key.endswith("state_dict") else _safe(value, key)
+        checkpoint[key] = _safe(value, key, state=key.endswith("state_dict"))
     return checkpoint
 
 
@@ -144,7 +186,7 @@ def save_checkpoint(
     *,
     blocking: bool = True,
 ) -> Path:
-    """Write ``checkpoint`` to ``logdir/name`` crash-safely; optionally point best / last at it.
+    """Write ``checkpoint`` to ``logdir/name`` crash-safely on global rank 0; optionally point best / last at it.
 
     The file is written to a temporary name in the same folder, flushed and fsynced, moved into
     place with ``os.replace`` and the folder fsynced: at any instant (``kill -9``, power loss)
@@ -153,10 +195,15 @@ def save_checkpoint(
     where the file system has no hard links). If saving fails (disk full, an object ``save_fn``
     cannot write) the error propagates and every existing file is left as it was.
 
+    Only global rank 0 (``batteries.distributed.get_rank()``) writes; on other ranks the call
+    checks ``name`` and returns the path without touching the folder and without any collective,
+    so calling it on every rank and calling it under ``if rank == 0`` are both right.
+
     Args:
         checkpoint: what to save, usually from :func:`make_checkpoint`.
         logdir: folder; created if missing.
-        name: file name inside ``logdir``, e.g. ``"exp_3.pth"``.
+        name: file name inside ``logdir``, e.g. ``"exp_3.pth"``; ``.pth`` is appended to a name
+            without it (``"exp_3"`` writes ``exp_3.pth``), as the original toolkit did.
         is_best: also make ``logdir/best.pth`` this checkpoint. Default False.
         is_last: also make ``logdir/last.pth`` this checkpoint. Default False.
         verbose: print where it was saved. Default False.
@@ -164,21 +211,28 @@ def save_checkpoint(
         blocking: False to return right after the tensors are copied to CPU memory and write the
             file on a background thread (at most one save in flight: a new one first waits for
             the previous). An error of a background save is raised by the next ``save_checkpoint``
-            call or by :func:`wait_for_saves`; the crash-safety guarantees are the same. Default True.
+            call or by :func:`wait_for_saves`; one that no call reported is printed at interpreter
+            exit, which then ends with exit status 1. The crash-safety guarantees are the same.
+            Default True.
 
     Returns:
-        The path of the (possibly not yet) written file.
+        The path of the (possibly not yet, or on other ranks never) written file.
 
     Raises:
-        ValueError: if ``name`` is empty or contains a path separator.
-        OSError: if the file cannot be written (the previous files are untouched); with
-            ``blocking=False``, the previous background save's error.
+        TypeError: if ``name`` is not a str.
+        ValueError: if ``name`` is not a plain file name (empty, ``"."``, ``".."``, a path separator).
+        OSError: if the file cannot be written, e.g. ``ENOSPC`` / ``EFBIG`` for a full disk, naming
+            the file (the previous files are untouched); with ``blocking=False``, the previous
+            background save's error.
     """
-    if not isinstance(name, str) or not name or os.sep in name or (os.altsep and os.altsep in name):
-        raise ValueError(f"name must be a plain file name like 'exp_3.pth', got {name!r}")
+    name = check_file_name(name, "name")
+    if not name.endswith(".pth"):
+        name = check_file_name(f"{name}.pth", "name")
     folder = Path(logdir)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
+    if distributed.get_rank() != 0:
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
 
     def write(data: Mapping[str, Any]) -> None:
         atomic_write(path, lambda tmp: save_fn(data, str(tmp)))
@@ -205,30 +259,154 @@ def wait_for_saves() -> None:
     DEFAULT_WRITER.wait()
 
 
+def _not_a_checkpoint(path: Path) -> str | None:
+    """What the file is instead of a torch checkpoint, told from its first bytes; None if it may be one."""
+    with open(path, "rb") as file:
+        head = file.read(512)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"version https://git-lfs.github.com/spec/"):
+        return "a git-lfs pointer, not the file itself (fetch the file with `git lfs pull`)"
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in text:
+        return "an HTML page (a download that saved a web page, e.g. an error or login page, instead of the file)"
+    return None
+
+
+_REFUSED_MARKS = ("GLOBAL", "add_safe_globals", "allowlist", "unsupported class", "unrecognized function")
+
+
 def _torch_load(path: Path, map_location: Any, weights_only: bool) -> Any:
+    instead = _not_a_checkpoint(path)
+    if instead is not None:
+        raise RuntimeError(f"checkpoint file '{path}' is not a torch checkpoint: it is {instead}")
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
-    except pickle.UnpicklingError as error:
-        if weights_only and "weights_only" in str(error).lower().replace(" ", "_"):
+    except (FileNotFoundError, MemoryError):
+        raise
+    except Exception as error:
+        message = f"{type(error).__name__}: {error}"
+        if weights_only and isinstance(error, pickle.UnpicklingError) and any(m in str(error) for m in _REFUSED_MARKS):
             raise pickle.UnpicklingError(
                 f"refused to load '{path}': it holds objects that weights_only=True does not allow "
                 "(arbitrary pickled code could run). If you trust this file, load it with "
                 f"load_checkpoint(..., weights_only=False). Details: {error}"
             ) from error
-        raise RuntimeError(f"checkpoint file '{path}' is corrupt or not a torch checkpoint: {error}") from error
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as error:
-        if isinstance(error, FileNotFoundError):
-            raise
+        if map_location is not None and str(map_location) != "cpu" and _loads_on_cpu(path, weights_only):
+            raise ValueError(
+                f"map_location={map_location!r} cannot be used here to load '{path}' (the file itself loads "
+                f"with map_location='cpu'): {message}"
+            ) from error
         raise RuntimeError(
-            f"checkpoint file '{path}' is truncated, corrupt or not a torch checkpoint: {type(error).__name__}: {error}"
+            f"checkpoint file '{path}' is truncated, corrupt or not a torch checkpoint: {message}"
         ) from error
 
 
-def _load_into(component: Any, checkpoint: Mapping[str, Any], key: str, path: Path) -> None:
-    state = checkpoint.get(key)
-    if state is None:
-        raise KeyError(f"checkpoint '{path}' has no '{key}' to load into the {type(component).__name__} given")
-    component.load_state_dict(state)
+def _loads_on_cpu(path: Path, weights_only: bool) -> bool:
+    """Whether the file loads with ``map_location="cpu"`` (memory-mapped where the format allows)."""
+    for mmap in (True, False):
+        try:
+            torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+            return True
+        except Exception:  # noqa: BLE001 - only the answer matters
+            continue
+    return False
+
+
+def _undo_for(component: Any) -> Callable[[], None]:
+    """A function that gives ``component`` back the state it has now (see :func:`load_states`)."""
+    if isinstance(component, nn.Module):
+        module = unwrap_model(component)
+        saved = snapshot(module.state_dict())  # CPU copies: loading copies into the same tensors
+        return lambda: module.load_state_dict(saved)
+    if isinstance(component, torch.optim.Optimizer):
+        saved = component.state_dict()  # a load replaces the state tensors, never writes into them
+        return lambda: component.load_state_dict(saved)
+    saved = copy.deepcopy(component.state_dict())
+    attributes = dict(vars(component)) if hasattr(component, "__dict__") else None
+
+    def undo() -> None:
+        if attributes is not None:  # a scheduler's load adds the saved keys as attributes
+            vars(component).clear()
+            vars(component).update(attributes)
+        component.load_state_dict(saved)
+
+    return undo
+
+
+def _load_one(component: Any, state: Any, strict: bool) -> None:
+    """Load ``state`` into ``component``; ValueError if it visibly belongs to something else."""
+    if isinstance(component, nn.Module):
+        unwrap_model(component).load_state_dict(state, strict=strict)
+    elif isinstance(component, torch.optim.Optimizer):
+        before = [set(group) for group in component.param_groups]
+        component.load_state_dict(state)
+        lacking = sorted(set().union(*before) - set().union(*map(set, component.param_groups)))
+        if lacking:
+            raise ValueError(f"its param_groups lack {lacking} (saved by another optimizer class?)")
+    else:
+        if isinstance(state, Mapping):  # e.g. StepLR's state into a CosineAnnealingLR
+            own = component.state_dict()
+            lacking = sorted(k for k in own if isinstance(k, str) and not k.startswith("_") and k not in state)
+            if lacking:
+                raise ValueError(f"it lacks {lacking} (saved by another class?)")
+        component.load_state_dict(state)
+
+
+def load_states(parts: list[tuple[str, Any, Any]], source: Any, strict: bool = True) -> None:
+    """Load each ``(name, component, state)`` of ``parts``: all of them or none.
+
+    A state that does not fit its component (another optimizer class, other keys or shapes) raises
+    one error naming the component and the mismatch, after every component was given back the
+    state it had before the call (modules through CPU copies of their tensors).
+
+    Args:
+        parts: ``(name, component, state)`` triples, loaded in this order; ``name`` is for messages.
+        source: where the states came from, for messages.
+        strict: passed to ``load_state_dict`` of the part named ``"model"`` (the others load strictly).
+
+    Raises:
+        RuntimeError: if a state does not fit its component; nothing is changed then.
+    """
+    undo: list[Callable[[], None]] = []
+    try:
+        for name, component, state in parts:
+            undo.append(_undo_for(component))
+            try:
+                _load_one(component, state, strict if name == "model" else True)
+            except Exception as error:
+                raise RuntimeError(
+                    f"the {name} state in {source} does not fit the {type(component).__name__} given: "
+                    f"{type(error).__name__}: {str(error).rstrip('.')}. Nothing was restored."
+                ) from error
+    except BaseException:
+        for restore in reversed(undo):
+            restore()
+        raise
+
+
+def state_parts(
+    checkpoint: Mapping[str, Any], components: Mapping[str, Any], source: Any
+) -> tuple[list[tuple[str, Any, Any]], list[str]]:
+    """The ``(name, component, state)`` of every component given (modules last), and the missing states' keys.
+
+    ``components`` maps a name to a component or None (skipped); the state of ``name`` is
+    ``checkpoint[f"{name}_state_dict"]``, the model's as :func:`~batteries.model.model_state_for` finds it.
+    """
+    parts, missing = [], []
+    for name, component in components.items():
+        if component is None:
+            continue
+        if name == "model":
+            try:
+                parts.append((name, component, model_state_for(component, checkpoint, source)))
+            except KeyError:
+                missing.append("model_state_dict")
+        elif checkpoint.get(f"{name}_state_dict") is None:
+            missing.append(f"{name}_state_dict")
+        else:
+            parts.append((name, component, checkpoint[f"{name}_state_dict"]))
+    return sorted(parts, key=lambda part: isinstance(part[1], nn.Module)), missing  # cheap to undo first
 
 
 def load_checkpoint(
@@ -245,7 +423,8 @@ def load_checkpoint(
 
     The model may be bare or wrapped (DataParallel, DDP, ``torch.compile``) whichever way the
     checkpoint was saved: ``module.`` / ``_orig_mod.`` prefixes are removed as needed. A file that
-    holds a bare state dict (no ``model_state_dict`` key) is loaded into ``model`` as is.
+    holds a bare state dict (no ``model_state_dict`` key) is loaded into ``model`` as is. Loading
+    is all or nothing: if a state is missing or does not fit, no component is changed.
 
     Args:
         checkpoint_file: path of the file.
@@ -263,24 +442,28 @@ def load_checkpoint(
 
     Raises:
         FileNotFoundError: if ``checkpoint_file`` does not exist.
+        IsADirectoryError: if it is a folder.
         pickle.UnpicklingError: if ``weights_only=True`` refuses the file's content (the message
             says how to opt out for a trusted file).
-        RuntimeError: if the file is truncated or corrupt (the message names the file), or the
-            state dict does not match ``model`` with ``strict=True``.
-        KeyError: if an optimizer / scheduler is given but the checkpoint has no state for it.
+        ValueError: if the file loads on the CPU but not with ``map_location``.
+        RuntimeError: if the file is not a torch checkpoint (a git-lfs pointer, an HTML page), is
+            truncated or corrupt (the message names the file), or a state does not fit its
+            component (the message names the component; nothing is loaded).
+        KeyError: naming every component given whose state the checkpoint lacks (nothing is loaded).
     """
     path = Path(checkpoint_file)
-    if not path.is_file():
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint file '{path}' is a directory, not a checkpoint file")
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint file '{path}' does not exist")
     checkpoint = _torch_load(path, map_location, weights_only)
     if not isinstance(checkpoint, Mapping):
         raise RuntimeError(f"checkpoint file '{path}' holds a {type(checkpoint).__name__}, expected a dict")
-    if model is not None:
-        load_model_state(model, checkpoint, path, strict)
-    if optimizer is not None:
-        _load_into(optimizer, checkpoint, "optimizer_state_dict", path)
-    if scheduler is not None:
-        _load_into(scheduler, checkpoint, "scheduler_state_dict", path)
+    components = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    parts, missing = state_parts(checkpoint, components, f"'{path}'")
+    if missing:
+        raise KeyError(f"checkpoint '{path}' has no state for: {', '.join(missing)} (nothing was loaded)")
+    load_states(parts, f"'{path}'", strict)
     if verbose:
         print(f"=> loaded checkpoint '{path}'" + (f" (epoch {checkpoint['epoch']})" if "epoch" in checkpoint else ""))
     return dict(checkpoint)

@@ -2,31 +2,63 @@
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import os
+import pickle
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from batteries import distributed
-from batteries.checkpoint import load_checkpoint, make_checkpoint
-from batteries.model import load_model_state
-from batteries.seed import get_rng_state, set_rng_state
+from batteries._checks import check_int, check_number
+from batteries.checkpoint import load_checkpoint, load_states, make_checkpoint, state_parts
+from batteries.seed import check_rng_state, get_rng_state, set_rng_state
 
 __all__ = ["make_training_state", "restore_training_state"]
 
+_gathers = itertools.count()  # calls of _gather_rng_states in this process: the same sequence on every rank
 
-# Keys of the training state next to the standard ones, and the component each one restores.
-_STATE_PARTS = {
-    "optimizer": "optimizer_state_dict",
-    "scheduler": "scheduler_state_dict",
-    "scaler": "scaler_state_dict",
-    "ema": "ema_state_dict",
-    "early_stop": "early_stop_state_dict",
-}
+
+def _gather_rng_states(timeout: float) -> list[dict[str, Any] | None]:
+    """Every rank's :func:`get_rng_state` on rank 0, through the process group's key-value store.
+
+    Each rank publishes its state under a key numbered by its count of calls; rank 0 waits at most
+    ``timeout`` seconds for the others' keys, reads and deletes them. Other ranks do not wait:
+    their list holds their own state only (at their index). No collective runs, so a call on rank
+    0 alone cannot hang: it fails after ``timeout`` with the fix in the message.
+    """
+    own = get_rng_state()
+    world_size, rank = distributed.get_world_size(), distributed.get_rank()
+    if world_size == 1:
+        return [own]
+    store = dist.distributed_c10d._get_default_store()
+    prefix = f"batteries/rng_states/{next(_gathers)}"
+    states: list[dict[str, Any] | None] = [None] * world_size
+    states[rank] = own
+    if rank != 0:
+        store.set(f"{prefix}/{rank}", pickle.dumps(own))
+        return states
+    keys = {other: f"{prefix}/{other}" for other in range(1, world_size)}
+    try:
+        store.wait(list(keys.values()), datetime.timedelta(seconds=timeout))
+    except RuntimeError:  # DistStoreError: a timeout
+        late = [other for other, key in keys.items() if not store.check([key])]
+        raise RuntimeError(
+            f"make_training_state waited {timeout:g} s on rank 0 for the RNG states of rank(s) {late}. Under "
+            "torch.distributed it gathers every rank's RNG state: call it on every rank, as for a collective "
+            "(only rank 0 writes: save_checkpoint and CheckpointManager.process do nothing on other ranks). "
+            "To build the state on rank 0 only, pass rng_states=all_gather(get_rng_state()) gathered on every "
+            "rank beforehand (or rng_states=[get_rng_state()] to keep rank 0's only)."
+        ) from None
+    for other, key in keys.items():
+        states[other] = pickle.loads(store.get(key))  # noqa: S301 - written by this job's own ranks
+        store.delete_key(key)
+    return states
 
 
 def make_training_state(
@@ -39,7 +71,8 @@ def make_training_state(
     scaler: Any | None = None,
     ema: nn.Module | None = None,
     early_stop: Any | None = None,
-    rng_states: list[dict[str, Any]] | None = None,
+    rng_states: Sequence[dict[str, Any]] | None = None,
+    rng_timeout: float = 60.0,
     stage: Any = "train",
     metrics: Mapping[str, Any] | None = None,
     **extra: Any,
@@ -48,32 +81,60 @@ def make_training_state(
 
     A :func:`make_checkpoint` dict plus ``step``, ``scaler_state_dict`` (AMP GradScaler),
     ``ema_state_dict``, ``early_stop_state_dict`` and ``rng_states``: the Python, NumPy, torch CPU
-    and CUDA RNG states of every rank. Give it to :func:`save_checkpoint` or
+    and CUDA RNG states of every rank (index = rank). Give it to :func:`save_checkpoint` or
     ``CheckpointManager.process`` and restore it with :func:`restore_training_state`. (The
     CheckpointManager keeps its own state in its metrics file, written on every ``process``.)
+
+    Under ``torch.distributed``, with ``rng_states`` not given, call it on every rank, like a
+    collective, and give the result to ``save_checkpoint`` / ``manager.process`` on every rank
+    (they write on rank 0 only). Every rank publishes its RNG state through the process group's
+    key-value store and only rank 0, the one that writes, waits for the others' (at most
+    ``rng_timeout`` seconds): the other ranks return at once, with their own state only. This
+    design was chosen over a real collective (``all_gather``) because no call pattern can hang:
+    called on rank 0 alone, the call raises after ``rng_timeout`` seconds with the fix, instead of
+    waiting for ranks that never come (while they wait for rank 0 in their next collective).
+    Code that gathers itself passes ``rng_states=all_gather(get_rng_state())`` and may call this
+    on rank 0 only. A state with fewer RNG states than ranks is reported on rank 0 when it is
+    made (a warning with the fix), not only at resume.
 
     Args:
         model: the model, bare or wrapped.
         epoch: the last finished epoch.
         step: optimizer steps taken so far. Default 0.
         optimizer, scheduler, scaler, ema, early_stop: optional components (anything with
-            ``state_dict()``); None ones are stored as None.
-        rng_states: one :func:`~batteries.get_rng_state` dict per rank, index = rank; under
-            ``torch.distributed`` pass ``all_gather(get_rng_state())`` (a collective: call it on every
-            rank). Default: ``[get_rng_state()]`` of this process.
+            ``state_dict()``); the key of one not given is left out.
+        rng_states: one :func:`~batteries.get_rng_state` dict per rank, index = rank. Default: every
+            rank's, gathered as described above (``[get_rng_state()]`` in one process).
+        rng_timeout: seconds rank 0 waits for the other ranks' RNG states. Default 60.
         stage: stage name. Default ``"train"``.
-        metrics: optional metrics dict.
+        metrics: optional metrics dict; left out when None.
         **extra: more entries (made safe as in :func:`make_checkpoint`).
 
     Returns:
         The checkpoint dict.
 
     Raises:
-        ValueError / TypeError: as :func:`make_checkpoint`, or if ``step`` is not an int >= 0.
+        ValueError / TypeError: as :func:`make_checkpoint`, or if ``step`` is not an int >= 0 or
+            ``rng_timeout`` not a number >= 0.
+        RuntimeError: on rank 0, if the other ranks' RNG states did not come within ``rng_timeout``
+            (the call was made on rank 0 only).
     """
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise ValueError(f"step must be an int >= 0, got {step!r}")
-    components = {"scaler": scaler, "ema": ema, "early_stop": early_stop}
+    step = check_int(step, "step", minimum=0)
+    rng_timeout = check_number(rng_timeout, "rng_timeout", minimum=0.0)
+    if rng_states is None:
+        rng_states = _gather_rng_states(rng_timeout)
+    else:
+        rng_states = list(rng_states)
+        world_size = distributed.get_world_size()
+        if distributed.get_rank() == 0 and len(rng_states) < world_size:
+            warnings.warn(
+                f"the training state holds the RNG states of {len(rng_states)} rank(s) but {world_size} run: a "
+                "resume cannot restore the random streams of the others. Call make_training_state on every rank "
+                "without rng_states (it gathers them), or pass rng_states=all_gather(get_rng_state()) gathered "
+                "on every rank",
+                stacklevel=2,
+            )
+    parts = {"scaler_state_dict": scaler, "ema_state_dict": ema, "early_stop_state_dict": early_stop}
     return make_checkpoint(
         stage,
         epoch,
@@ -81,9 +142,9 @@ def make_training_state(
         optimizer,
         scheduler,
         metrics,
-        step=int(step),
-        **{_STATE_PARTS[name]: None if part is None else part.state_dict() for name, part in components.items()},
-        rng_states=[get_rng_state()] if rng_states is None else list(rng_states),
+        step=step,
+        **{key: part.state_dict() for key, part in parts.items() if part is not None},
+        rng_states=rng_states,
         **extra,
     )
 
@@ -102,13 +163,15 @@ def restore_training_state(
     map_location: Any = "cpu",
     strict: bool = True,
 ) -> dict[str, Any]:
-    """Restore what :func:`make_training_state` saved into the components given.
+    """Restore what :func:`make_training_state` saved into the components given: all or nothing.
 
     Every component passed must find its state in the checkpoint; otherwise nothing is loaded and
-    a ``KeyError`` lists every missing part. The RNG states of this rank (``get_rank()``) are
-    restored when the checkpoint was saved by as many ranks as run now; with another world size
-    they cannot match and a warning says so. A ``manager`` is rewound to the checkpoint's epoch
-    (records of later epochs, from the run that is being replaced, are forgotten).
+    a ``KeyError`` lists every missing part. A state that does not fit its component (SGD state
+    into Adam, other keys or shapes) raises one ``RuntimeError`` naming the component and the
+    mismatch, and every component is left as it was. The RNG states of this rank (``get_rank()``)
+    are restored when the checkpoint was saved by as many ranks as run now; with another world
+    size they cannot match and a warning says so. A ``manager`` is rewound to the checkpoint's
+    epoch (records of later epochs, from the run that is being replaced, are forgotten).
 
     Args:
         checkpoint: the dict :func:`load_checkpoint` returned, or a path to load (``weights_only=True``).
@@ -122,50 +185,52 @@ def restore_training_state(
         The checkpoint dict (``epoch``, ``step`` and extras are read from it).
 
     Raises:
-        KeyError: naming every part asked for that the checkpoint lacks.
-        FileNotFoundError / RuntimeError / pickle.UnpicklingError: as :func:`load_checkpoint`.
+        KeyError: naming every part asked for that the checkpoint lacks (nothing is restored).
+        RuntimeError: if a state does not fit its component (nothing is restored).
+        FileNotFoundError / IsADirectoryError / ValueError / RuntimeError / pickle.UnpicklingError:
+            as :func:`load_checkpoint`.
     """
     source: Any = "<checkpoint dict>"
     if not isinstance(checkpoint, Mapping):
-        source = checkpoint
+        source = f"'{checkpoint}'"
         checkpoint = load_checkpoint(checkpoint, map_location=map_location, verbose=False)
     components = {
+        "model": model,
         "optimizer": optimizer,
         "scheduler": scheduler,
         "scaler": scaler,
         "ema": ema,
         "early_stop": early_stop,
     }
-    missing = [
-        _STATE_PARTS[name]
-        for name, part in components.items()
-        if part is not None and checkpoint.get(_STATE_PARTS[name]) is None
-    ]
-    if model is not None and "model_state_dict" not in checkpoint:
-        missing.insert(0, "model_state_dict")
+    parts, missing = state_parts(checkpoint, components, source)
     if restore_rng and not checkpoint.get("rng_states"):
         missing.append("rng_states")
     if manager is not None and "epoch" not in checkpoint:
         missing.append("epoch")
     if missing:
-        raise KeyError(f"checkpoint {source} has no state for: {', '.join(missing)}")
+        raise KeyError(f"checkpoint {source} has no state for: {', '.join(missing)} (nothing was restored)")
 
-    if model is not None:
-        load_model_state(model, checkpoint, source, strict)
-    for name, part in components.items():
-        if part is not None:
-            part.load_state_dict(checkpoint[_STATE_PARTS[name]])
+    rng_state = None
     if restore_rng:
-        rng_states = checkpoint["rng_states"]
-        world_size = distributed.get_world_size()
+        rng_states, world_size = checkpoint["rng_states"], distributed.get_world_size()
         if len(rng_states) == world_size:
-            set_rng_state(rng_states[distributed.get_rank()])
+            rng_state = rng_states[distributed.get_rank()]
+            try:
+                check_rng_state(rng_state)
+            except (TypeError, KeyError, ValueError) as error:
+                raise RuntimeError(
+                    f"the RNG state of rank {distributed.get_rank()} in {source} cannot be restored: {error}. "
+                    "Nothing was restored."
+                ) from error
         else:
             warnings.warn(
                 f"checkpoint {source} holds RNG states of {len(rng_states)} rank(s) but {world_size} run now: "
                 "RNG states not restored, the random streams differ from the saved run's",
                 stacklevel=2,
             )
+    load_states(parts, source, strict)
+    if rng_state is not None:
+        set_rng_state(rng_state)  # checked above: changes every RNG or none
     if manager is not None:
         manager.rewind(checkpoint["epoch"])
     return dict(checkpoint)

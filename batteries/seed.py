@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["seed_all", "get_rng_state", "set_rng_state"]
+__all__ = ["seed_all", "get_rng_state", "set_rng_state", "check_rng_state"]
 
 _MAX_SEED = 2**32 - 1
 
@@ -94,19 +95,43 @@ def get_rng_state() -> dict[str, Any]:
     return state
 
 
+def check_rng_state(state: Any) -> None:
+    """Check that :func:`set_rng_state` can restore ``state`` here, changing nothing.
+
+    Args:
+        state: a dict from :func:`get_rng_state` (possibly after a save / load round trip).
+
+    Raises:
+        TypeError: if ``state`` is not a dict.
+        KeyError: if ``state`` lacks one of ``"python"``, ``"numpy"``, ``"torch"``.
+        ValueError: if the CUDA states saved do not match the number of visible CUDA devices.
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"RNG state must be the dict get_rng_state() returns, got {type(state).__name__}")
+    missing = [key for key in ("python", "numpy", "torch") if key not in state]
+    if missing:
+        raise KeyError(f"RNG state is missing {missing}; expected the dict get_rng_state() returns")
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) != torch.cuda.device_count():
+        raise ValueError(
+            f"RNG state holds {len(state['cuda'])} CUDA device states, "
+            f"but {torch.cuda.device_count()} devices are visible"
+        )
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore the RNG states captured by :func:`get_rng_state`.
+
+    ``state`` is checked first (:func:`check_rng_state`): a bad one changes no RNG.
 
     Args:
         state: the dict :func:`get_rng_state` returned (possibly after a save / load round trip).
 
     Raises:
+        TypeError: if ``state`` is not a dict.
         KeyError: if ``state`` lacks one of ``"python"``, ``"numpy"``, ``"torch"``.
         ValueError: if the CUDA states saved do not match the number of visible CUDA devices.
     """
-    missing = [key for key in ("python", "numpy", "torch") if key not in state]
-    if missing:
-        raise KeyError(f"RNG state is missing {missing}; expected the dict get_rng_state() returns")
+    check_rng_state(state)
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     np_state = state["numpy"]
@@ -121,10 +146,4 @@ def set_rng_state(state: dict[str, Any]) -> None:
     )
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) != torch.cuda.device_count():
-            raise ValueError(
-                f"RNG state holds {len(cuda_states)} CUDA device states, "
-                f"but {torch.cuda.device_count()} devices are visible"
-            )
-        torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
