@@ -16,7 +16,7 @@ from batteries.log import get_logger
 from batteries.manager import CheckpointManager
 from batteries.meter import AverageMeter, AverageMetter
 from batteries.model import unwrap_model
-from batteries.resume import make_training_state, restore_training_state
+from batteries.resume import find_resume_checkpoint, make_training_state, restore_training_state
 from batteries.seed import get_rng_state, seed_all, set_rng_state
 from batteries.tensorboard import TensorboardLogger
 
@@ -31,6 +31,7 @@ __all__ = [
     "TensorboardLogger",
     "average_checkpoints",
     "average_model_state_dicts",
+    "find_resume_checkpoint",
     "get_logger",
     "get_rng_state",
     "load_checkpoint",

@@ -381,6 +381,9 @@ class DistributedTrainSampler(DistributedSampler):
     def set_epoch(self, epoch: int) -> None:
         """Use the order of ``epoch``; a new epoch starts at its first sample.
 
+        A dataset with a ``set_epoch(epoch)`` method of its own (epoch-dependent augmentations) is
+        told the epoch too, so a loop calls only ``sampler.set_epoch`` and works with any dataset.
+
         Args:
             epoch: the epoch number (>= 0).
 
@@ -392,6 +395,8 @@ class DistributedTrainSampler(DistributedSampler):
         if epoch != self.epoch:
             self._samples_consumed = 0
         self.epoch = epoch
+        if callable(getattr(self.dataset, "set_epoch", None)):
+            self.dataset.set_epoch(epoch)
 
     def state_dict(self) -> dict[str, int]:
         """Where this sampler stands: ``epoch``, ``seed``, ``samples_consumed`` and ``num_replicas``.

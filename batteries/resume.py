@@ -8,6 +8,7 @@ import os
 import pickle
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,11 +16,11 @@ import torch.distributed as dist
 from torch import nn
 
 from batteries import distributed
-from batteries._checks import check_int, check_number
+from batteries._checks import check_file_name, check_int, check_number
 from batteries.checkpoint import load_checkpoint, load_states, make_checkpoint, state_parts
 from batteries.seed import check_rng_state, get_rng_state, set_rng_state
 
-__all__ = ["make_training_state", "restore_training_state"]
+__all__ = ["make_training_state", "restore_training_state", "find_resume_checkpoint"]
 
 _gathers = itertools.count()  # calls of _gather_rng_states in this process: the same sequence on every rank
 
@@ -234,3 +235,43 @@ def restore_training_state(
     if manager is not None:
         manager.rewind(checkpoint["epoch"])
     return dict(checkpoint)
+
+
+def find_resume_checkpoint(
+    manager: Any, names: Sequence[str] = ("step.pth", "last.pth")
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint beside ``manager``'s history that continues it, loaded, for ``--resume auto``.
+
+    The history (``manager.values``, read from its metrics file) says which epoch was finished
+    last. A candidate continues it when its ``epoch`` (the last finished one, as
+    :func:`make_training_state` records it) is that epoch: ``last.pth`` saved at its end, or a
+    mid-epoch ``step.pth`` part way into the next one. Any other candidate belongs to another run
+    and is skipped: a run branched with ``--resume exp_3.pth`` leaves the abandoned run's newer
+    ``step.pth`` behind, and resuming from it would splice the two runs. Among the candidates that
+    continue the history, the one with the most optimizer steps (``step``) wins. Without any
+    history, only a checkpoint of epoch 0 (saved during the first epoch) continues it.
+
+    Args:
+        manager: the run's :class:`~batteries.CheckpointManager` (its ``logdir`` holds the candidates).
+        names: file names to consider inside ``manager.logdir``. Default ``("step.pth", "last.pth")``.
+
+    Returns:
+        ``(path, checkpoint)`` of the one to resume from, or ``(None, None)`` when none continues
+        the history.
+
+    Raises:
+        RuntimeError / pickle.UnpicklingError: as :func:`load_checkpoint`, for a candidate that
+            cannot be read.
+    """
+    newest = max((record["epoch"] for record in manager.values), default=0)
+    found = []
+    for order, name in enumerate(names):
+        path = Path(manager.logdir) / check_file_name(name, "names")
+        if path.is_file():
+            checkpoint = load_checkpoint(path, verbose=False)
+            if checkpoint.get("epoch") == newest:
+                found.append((checkpoint.get("step", 0), -order, path, checkpoint))
+    if not found:
+        return None, None
+    *_, path, checkpoint = max(found, key=lambda item: item[:2])
+    return path, checkpoint

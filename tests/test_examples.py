@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -66,6 +67,9 @@ def test_device_example_one_epoch(tmp_path):
         (["--resume", "/no/such/file.pth"], "--resume"),
         (["--epochs", "-3"], "--epochs"),
         (["--epochs", "many"], "--epochs"),
+        (["--seed", "-1"], "--seed"),
+        (["--seed", str(2**32)], "--seed"),
+        (["--lr", "0"], "--lr"),
     ],
 )
 def test_bad_flags_one_line_exit_2_nothing_written(tmp_path, args, flag):
@@ -77,6 +81,14 @@ def test_bad_flags_one_line_exit_2_nothing_written(tmp_path, args, flag):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0] and "Traceback" not in result.stderr
     assert not logdir.exists()
+
+
+def test_logdir_that_is_a_file_is_a_flag_error(tmp_path):
+    logdir = tmp_path / "run"
+    logdir.write_text("not a folder")
+    result = run([DEVICE, "--logdir", logdir], timeout=60)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "--logdir" in result.stderr
+    assert logdir.read_text() == "not a folder"
 
 
 def test_existing_logdir_needs_resume_or_force(tmp_path):
@@ -97,9 +109,38 @@ def test_resume_with_more_epochs_follows_the_longer_schedule(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert epochs_recorded(logdir) == [1, 2, 3, 4]
     state = torch.load(logdir / "checkpoints" / "last.pth", weights_only=True)
-    assert state["scheduler_state_dict"]["T_max"] == 4
-    # annealed to 0 at the new last epoch (the old T_max of 2 would have brought it back up to 3e-3)
-    assert state["optimizer_state_dict"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    # the last of 4 * 12 steps on the cosine of 4 epochs (on the old one of 2 epochs it would be 0)
+    total = 4 * 12
+    expected = 3e-3 * 0.5 * (1 + math.cos(math.pi * (total - 1) / total))
+    assert state["step"] == total
+    assert state["optimizer_state_dict"]["param_groups"][0]["lr"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_copy_with_plain_tensor_datasets_and_another_main_metric_trains(tmp_path):
+    """A new user's copy: get_datasets returns plain TensorDatasets, the best is the lowest loss; nothing
+    else of the example is edited."""
+    source = DEVICE.read_text()
+    body = source[source.index("def get_datasets") : source.index("def augment")]
+    replacement = """def get_datasets() -> tuple[Dataset, Dataset]:
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.rand(300, 1, 8, 8, generator=generator), torch.randint(0, 10, (300,), generator=generator)
+    return TensorDataset(x[:240], y[:240]), TensorDataset(x[240:], y[240:])
+
+
+"""
+    copy = source.replace(body, replacement)
+    copy = copy.replace('MAIN_METRIC = "accuracy"', 'MAIN_METRIC = "loss"').replace(
+        "MINIMIZE_METRIC = False", "MINIMIZE_METRIC = True"
+    )
+    script = tmp_path / "train.py"
+    script.write_text(copy)
+    logdir = tmp_path / "run"
+    result = run([script, *FAST, "--epochs", "4", "--logdir", logdir])
+    assert result.returncode == 0, result.stderr[-2000:]
+    values = json.loads((logdir / "checkpoints" / "metrics.json").read_text())["values"]
+    lowest = min(values, key=lambda record: (record["loss"], -record["epoch"]))
+    assert torch.load(logdir / "checkpoints" / "best.pth", weights_only=True)["epoch"] == lowest["epoch"]
+    assert "best valid loss" in (logdir / "train.log").read_text()
 
 
 # ------------------------------------------------------------------------------ dp and ddp
