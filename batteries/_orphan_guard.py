@@ -1,19 +1,13 @@
-"""Imported by the DataLoader forkserver (see ``data.make_loader``): die with the parent process.
+"""Processes that die with their parent: the DataLoader forkserver and its workers (``data.make_loader``).
 
 Python's forkserver, and the DataLoader workers it forks, stay alive forever when the training
-process is killed (``kill -9``, SIGTERM); they hold memory and the caller's output pipes. On
-Linux, ``PR_SET_PDEATHSIG`` makes the kernel send SIGKILL to the server when its parent dies; the
-workers then see their parent gone and exit on their own (DataLoader's watchdog).
+process is killed (``kill -9``, SIGTERM): the server keeps serving, and a worker that sees its
+parent gone hangs on exit flushing a queue nobody reads. They hold memory and the caller's output
+pipes. On Linux, ``PR_SET_PDEATHSIG`` makes the kernel send SIGKILL to a process when its parent
+dies: importing this module sets it for the forkserver (whose parent is the training process), and
+``data.make_loader``'s worker init for each worker (whose parent is the server), so the whole tree goes.
 """
 
-import ctypes
-import signal
-import sys
+from batteries.data import die_with_parent
 
-_PR_SET_PDEATHSIG = 1
-
-if sys.platform.startswith("linux"):
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # no libc prctl: the server behaves as Python's default
-        pass
+die_with_parent()  # imported by the forkserver only (its preload list), never by the training process

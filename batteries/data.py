@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,11 +17,50 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from batteries._checks import check_int
 from batteries.seed import seed_all
 
-__all__ = ["make_loader"]
+__all__ = ["make_loader", "die_with_parent"]
 
 # Modules the forkserver imports once, so that a worker starts in milliseconds instead of
 # importing torch again; _orphan_guard makes the server die with the process that started it.
 _PRELOAD = ["batteries._orphan_guard", "torch", "numpy", "batteries"]
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(ancestor_pid: int | None = None) -> None:
+    """Ask the kernel to SIGKILL this process when its parent process dies (Linux; elsewhere a no-op).
+
+    ``make_loader`` calls it in its forkserver and in every worker, so that killing the training
+    process ends them too. Call it in helper processes of your own for the same effect; never in
+    the training process itself, which would then die with the shell or launcher that started it.
+    If the parent, or ``ancestor_pid`` (the training process, for a worker whose parent is the
+    forkserver), is already gone when the request is in place, the process kills itself at once.
+
+    Args:
+        ancestor_pid: a process further up whose death must end this one too. Default None.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # no libc prctl: the process behaves as Python's default
+        return
+    if os.getppid() != parent or (ancestor_pid is not None and not _alive(ancestor_pid)):
+        os.kill(os.getpid(), signal.SIGKILL)  # it died before the request was in place
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (Linux: a zombie, killed but not yet reaped by its parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _init_worker(worker_id: int, user_init: Callable[[int], Any] | None, training_pid: int) -> None:
+    die_with_parent(training_pid)  # ends with the forkserver, which ends with the training process
+    if user_init is not None:
+        user_init(worker_id)
 
 
 def make_loader(
@@ -39,6 +84,7 @@ def make_loader(
       in milliseconds, and on Linux it dies with the process that started it: a run killed with
       ``kill -9`` or SIGTERM leaves no server or worker behind (without this, both stay forever).
       Where there is no forkserver (Windows, macOS' default), the platform's default is used.
+      A ``worker_init_fn`` given in ``kwargs`` replaces ``seed_all`` and still runs in every worker.
 
     Args:
         dataset: a map-style dataset.
@@ -71,7 +117,9 @@ def make_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        worker_init_fn=kwargs.pop("worker_init_fn", seed_all),
+        worker_init_fn=functools.partial(
+            _init_worker, user_init=kwargs.pop("worker_init_fn", seed_all), training_pid=os.getpid()
+        ),
         multiprocessing_context=kwargs.pop("multiprocessing_context", context),
         generator=torch.Generator().manual_seed(seed),
         **kwargs,

@@ -263,6 +263,16 @@ def descendants(pid):
     return found
 
 
+def alive(pids):
+    """The processes of ``pids`` still running (a zombie has ended: only its parent has not reaped it yet)."""
+    running = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                running.append(pid)
+    return running
+
+
 def kill_tree(process):
     """``kill -9`` ``process`` and every process below it, then reap it."""
     for pid in [process.pid, *descendants(process.pid)]:
@@ -374,3 +384,55 @@ def test_ddp_example_on_gpus_with_nccl(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"World size {world_size}, backend nccl" in (logdir / "train.log").read_text()
     assert_one_run(logdir)
+
+
+# ------------------------------------------------------------------------------ bugs found in use
+def test_resume_auto_after_a_branch_never_takes_the_abandoned_runs_step_checkpoint(tmp_path):
+    logdir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    assert run([DEVICE, *FAST, "--epochs", "3", "--save-every-steps", "5", "--logdir", logdir]).returncode == 0
+    assert position(checkpoints / "step.pth")[0] == 2  # the first run's mid-epoch-3 checkpoint stays behind
+    # branch from epoch 1 (stopped right away here), then continue the branch with --resume auto
+    branch = run([DEVICE, *FAST, "--epochs", "1", "--resume", checkpoints / "exp_1.pth", "--logdir", logdir])
+    assert branch.returncode == 0, branch.stderr[-2000:]
+    result = run([DEVICE, *FAST, "--epochs", "3", "--resume", "auto", "--logdir", logdir])
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = (logdir / "train.log").read_text()
+    assert log.count("Resumed from") == 2 and "last.pth' (epoch 1 finished); continuing at epoch 2, batch 1" in log
+    assert epochs_recorded(logdir) == [1, 2, 3]
+
+
+def test_a_resumed_run_that_had_stopped_early_says_so(tmp_path):
+    logdir = tmp_path / "run"
+    args = [DEVICE, *FAST, "--epochs", "6", "--patience", "0", "--lr", "1e-9", "--logdir", logdir]
+    assert run(args).returncode == 0
+    stopped_at = epochs_recorded(logdir)[-1]
+    assert stopped_at < 6 and "Early stop" in (logdir / "train.log").read_text()
+    result = run([*args, "--resume", "auto"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = (logdir / "train.log").read_text().split("Resumed from")[1]
+    assert "it had stopped early" in resumed and "continuing at" not in resumed
+    assert epochs_recorded(logdir)[-1] == stopped_at
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killing_an_example_with_workers_leaves_no_process_behind(tmp_path, sig):
+    logdir = tmp_path / "run"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, DEVICE, *FAST, "--epochs", "50", "--num-workers", "2", "--logdir", logdir]
+    process = subprocess.Popen(list(map(str, command)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((logdir / "train.log").exists() and "epoch 1/" in (logdir / "train.log").read_text()):
+            assert time.monotonic() < deadline and process.poll() is None, "the run did not reach epoch 1"
+            time.sleep(0.1)
+        helpers = descendants(process.pid)
+        assert len(helpers) >= 2  # the forkserver and the workers
+        process.send_signal(sig)  # to the training process only, as a scheduler or `kill` does
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while alive(helpers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert alive(helpers) == []
+    finally:
+        kill_tree(process)
