@@ -399,7 +399,7 @@ class DistributedTrainSampler(DistributedSampler):
             self.dataset.set_epoch(epoch)
 
     def state_dict(self) -> dict[str, int]:
-        """Where this sampler stands: ``epoch``, ``seed``, ``samples_consumed`` and ``num_replicas``.
+        """Where this sampler stands: ``epoch``, ``seed``, ``samples_consumed``, ``num_replicas``, ``num_samples``.
 
         Returns:
             A dict of ints (loads with ``torch.load(weights_only=True)``).
@@ -409,6 +409,7 @@ class DistributedTrainSampler(DistributedSampler):
             "seed": self.seed,
             "samples_consumed": self._samples_consumed,
             "num_replicas": self.num_replicas,
+            "num_samples": self.num_samples,
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -426,15 +427,18 @@ class DistributedTrainSampler(DistributedSampler):
         if missing:
             raise KeyError(f"DistributedTrainSampler state is missing {missing}")
         saved_replicas = state.get("num_replicas", self.num_replicas)
-        if state["samples_consumed"] and saved_replicas != self.num_replicas:
-            raise ValueError(
-                f"the sampler state was saved mid-epoch with num_replicas={saved_replicas!r}, this sampler has "
-                f"num_replicas={self.num_replicas}: resume with the same number of ranks, or from an epoch boundary"
-            )
+        consumed = state["samples_consumed"]
+        if saved_replicas != self.num_replicas:
+            if 0 < consumed < state.get("num_samples", math.inf):
+                raise ValueError(
+                    f"the sampler state was saved mid-epoch with num_replicas={saved_replicas!r}, this sampler has "
+                    f"num_replicas={self.num_replicas}: resume with the same number of ranks, or from an epoch end"
+                )
+            consumed = self.num_samples if consumed else 0  # an epoch's end (or start) is one for any number of ranks
         checked = (  # all checked before any is set: a bad state leaves this sampler as it was
             check_int(state["epoch"], "epoch", minimum=0),
             check_int(state["seed"], "seed", minimum=0),
-            self._check_consumed(state["samples_consumed"]),
+            self._check_consumed(consumed),
         )
         self.epoch, self.seed, self._samples_consumed = checked
 

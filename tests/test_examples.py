@@ -1,5 +1,6 @@
 """The examples run as a user runs them: in a subprocess, on CPU, with a temporary logdir."""
 
+import argparse
 import contextlib
 import json
 import math
@@ -15,7 +16,7 @@ import pytest
 import torch
 from spawn import free_port
 
-from batteries import load_checkpoint
+from batteries import load_checkpoint, make_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = ROOT / "examples" / "device" / "experiment.py"
@@ -168,12 +169,11 @@ def assert_one_run(logdir):
 def single_process_accuracy(path):
     """A plain evaluation of ``path`` on the whole validation set, in this process."""
     example = load_example(DDP)
-    _, valid_dataset = example.get_datasets(seed=42)
+    _, valid_dataset = example.get_datasets()
     model = example.Net()
     load_checkpoint(path, model, verbose=False)
-    return example.single_process_eval(
-        model, valid_dataset, 128, torch.device("cpu"), torch.nn.CrossEntropyLoss(), None
-    )
+    args = argparse.Namespace(device=torch.device("cpu"), amp_dtype=None)
+    return example.valid_fn(model, make_loader(valid_dataset, 128), args, all_ranks=False)
 
 
 def test_dp_example_one_epoch(tmp_path):

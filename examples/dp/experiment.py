@@ -143,8 +143,9 @@ class Net(nn.Module):
 
 
 def compute_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every metric of a batch (means over its samples); ``"loss"`` is the one trained on."""
-    return {"loss": nn.functional.cross_entropy(logits.float(), y), "accuracy": (logits.argmax(1) == y).float().mean()}
+    """Every metric, one value per sample (shape ``(B,)``); training minimises the mean of ``"loss"``."""
+    loss = nn.functional.cross_entropy(logits.float(), y, reduction="none")
+    return {"loss": loss, "accuracy": (logits.argmax(1) == y).float()}
 
 
 # ----------------------------------------------------------------------------- train / valid
@@ -160,14 +161,15 @@ def train_fn(model, loader, optimizer, scaler, meters, args, step, save_step=Non
     total_steps = args.epochs * math.ceil(math.ceil(sampler.num_samples / args.batch_size) / args.accum_steps)
     for batch in tqdm(loader, desc=f"epoch {sampler.epoch} train", leave=False):
         x, y = t2d(batch, args.device, non_blocking=True)
+        sampler.samples_consumed += len(y)
+        end_of_epoch = sampler.samples_consumed == sampler.num_samples
+        step_now = (sampler.samples_consumed // args.batch_size) % args.accum_steps == 0 or end_of_epoch
         with torch.autocast(args.device.type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
             metrics = compute_metrics(model(augment(x)), y)
-        scaler.scale(metrics["loss"] / args.accum_steps).backward()
-        sampler.samples_consumed += len(y)
+        scaler.scale(metrics["loss"].mean() / args.accum_steps).backward()
         for name, value in metrics.items():
-            meters[name].update(value.detach(), len(y))  # tensors: no host sync per step
-        end_of_epoch = sampler.samples_consumed == sampler.num_samples
-        if (sampler.samples_consumed // args.batch_size) % args.accum_steps and not end_of_epoch:
+            meters[name].update(value.detach().mean(), len(y))  # tensors: no host sync per step
+        if not step_now:
             continue  # accumulate the gradient of the next batch too
         for group in optimizer.param_groups:
             group["lr"] = get_lr(step, total_steps, args)
@@ -187,14 +189,15 @@ def train_fn(model, loader, optimizer, scaler, meters, args, step, save_step=Non
 def valid_fn(model, loader, args) -> dict[str, float]:
     """Every metric over the whole loader, each sample counted once."""
     model.eval()
-    meters = defaultdict(AverageMeter)
+    sums, count = {}, 0
     for batch in loader:
         x, y = t2d(batch, args.device, non_blocking=True)
         with torch.autocast(args.device.type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
             metrics = compute_metrics(model(x), y)
-        for name, value in metrics.items():
-            meters[name].update(value, len(y))
-    return {name: meter.average for name, meter in meters.items()}
+        for name, value in metrics.items():  # sums of per-sample values: exact for counts, in any batching
+            sums[name] = sums.get(name, 0.0) + value.double().sum()
+        count += len(y)
+    return {name: float(total) / count for name, total in sums.items()}
 
 
 def line(metrics: dict[str, float]) -> str:
