@@ -436,3 +436,35 @@ def test_killing_an_example_with_workers_leaves_no_process_behind(tmp_path, sig)
         assert alive(helpers) == []
     finally:
         kill_tree(process)
+
+
+@pytest.mark.parametrize("example", ["device", "ddp"])
+def test_mid_epoch_resume_with_another_batch_size_trains_every_sample_once(tmp_path, example):
+    """Resume positions count samples: a step checkpoint taken at batch size 128 resumes at 64 exactly."""
+    logdir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    launcher = [] if example == "device" else LAUNCHERS["ddp"][:-1]
+    script = DEVICE if example == "device" else DDP
+    world_size = 1 if example == "device" else 2
+    share = math.ceil(1437 / world_size)  # the training samples of each rank per epoch
+    steps_per_epoch = math.ceil(share / 128)
+    command = [*launcher, script, "--device", "cpu", "--epochs", "2", "--logdir", logdir]
+    command = [str(free_port()) if part == "PORT" else part for part in command]
+    first = run([*command, "--batch-size", "128", "--save-every-steps", str(steps_per_epoch + 3)])
+    assert first.returncode == 0, first.stderr[-2000:]
+    step = torch.load(checkpoints / "step.pth", weights_only=True)
+    assert step["epoch"] == 1 and step["sampler"]["samples_consumed"] == 3 * 128  # 3 batches into epoch 2
+    result = run([*command, "--batch-size", "64", "--resume", checkpoints / "step.pth"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    last = torch.load(checkpoints / "last.pth", weights_only=True)
+    assert last["epoch"] == 2 and last["sampler"]["samples_consumed"] == share
+    meters = [last["meters"]] if example == "device" else last["meters"]
+    assert [rank["loss"]["count"] for rank in meters] == [share] * world_size  # none skipped, none twice
+    assert "continuing at epoch 2, batch 7" in (logdir / "train.log").read_text()  # 384 samples = 6 of 64
+
+
+def test_a_bad_flag_under_torchrun_is_reported_once(tmp_path):
+    command = [arg.replace("PORT", str(free_port())) for arg in map(str, LAUNCHERS["ddp"])]
+    result = run([*command, "--epochs", "many", "--logdir", tmp_path / "run"], timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("error: argument --epochs: invalid int value: 'many'") == 1
+    assert not (tmp_path / "run").exists()
