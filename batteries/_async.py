@@ -143,11 +143,6 @@ class AsyncWriter:
                 with _unreported_lock:
                     _unreported.discard(pending)
 
-    @property
-    def busy(self) -> bool:
-        return self._pending is not None and not self._pending.done()
-
-
 DEFAULT_WRITER = AsyncWriter()
 
 

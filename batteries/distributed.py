@@ -443,7 +443,7 @@ class DistributedTrainSampler(DistributedSampler):
         self.epoch, self.seed, self._samples_consumed = checked
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> torch.device:
+def init_distributed(*, backend: str | None = None, timeout_s: float = 1800.0) -> torch.device:
     """Initialise the default process group from the environment torchrun / launch set.
 
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``

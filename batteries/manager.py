@@ -432,9 +432,7 @@ class CheckpointManager:
         """Block until the asynchronous save in flight (if any) is written; re-raise its error."""
         self._writer.wait()
 
-    def close(self) -> None:
-        """Same as :meth:`wait`: call it before the program ends or reads ``best``."""
-        self._writer.wait()
+    close = wait  # the name files and writers use; one method
 
     def rewind(self, epoch: int) -> None:
         """Forget the records after ``epoch``: the explicit way back (a run resumed from that epoch).

@@ -273,7 +273,7 @@ def communication_threads():
 
 
 def ddp_then_cleanup(rank, world_size):
-    device = distributed.init_distributed("gloo", timeout_s=30)
+    device = distributed.init_distributed(backend="gloo", timeout_s=30)
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))  # imports torch._dynamo
     model(torch.ones(3, 4)).sum().backward()
     during = communication_threads()
