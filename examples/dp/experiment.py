@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--accum-steps", type=bounded(int, 1), default=1, help="batches per optimizer step")
     add("--amp", action="store_true", help="mixed precision: bfloat16 on CPU, float16 on CUDA")
     add("--clip-grad-norm", type=bounded(float, 0, above=True), default=None, help="clip the gradient norm")
-    add("--patience", type=bounded(int, 0), default=None, help="epochs in a row without gain tolerated; stop on the next")
+    add("--patience", type=bounded(int, 0), default=None, help="epochs in a row without gain tolerated, then stop")
     add("--save-every-steps", type=bounded(int, 1), default=None, help="save step.pth every N optimizer steps")
     add("--resume", default=None, metavar="PATH|auto", help="checkpoint to continue; auto: the newest")
     add("-f", "--force", action="store_true", help="start over in an existing logdir")
