@@ -143,6 +143,7 @@ class AsyncWriter:
                 with _unreported_lock:
                     _unreported.discard(pending)
 
+
 DEFAULT_WRITER = AsyncWriter()
 
 
