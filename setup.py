@@ -11,6 +11,9 @@ VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "batteries" / "__init__
 EXAMPLES = ["scikit-learn>=1.0", "matplotlib>=3.5"]
 TEST = ["pytest>=7.0", "scikit-learn>=1.0"]
 BENCH = ["scikit-learn>=1.0"]
+# benchmarks/anchors.py: the same epoch with Lightning Fabric, HF Accelerate and PyTorch-Ignite. Pinned
+# so figures compare across runs; install with -c constraints.txt so none of them brings another torch.
+BENCH_ANCHORS = BENCH + ["lightning-fabric==2.6.6", "accelerate==1.15.0", "pytorch-ignite==0.5.5"]
 
 setup(
     name="batteries",
@@ -21,7 +24,13 @@ setup(
     packages=find_packages(include=["batteries", "batteries.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy>=1.21", "tqdm>=4.60", "tensorboardX>=2.5"],
-    extras_require={"examples": EXAMPLES, "test": TEST, "bench": BENCH, "dev": EXAMPLES + TEST + ["ruff>=0.5"]},
+    extras_require={
+        "examples": EXAMPLES,
+        "test": TEST,
+        "bench": BENCH,
+        "bench-anchors": BENCH_ANCHORS,
+        "dev": EXAMPLES + TEST + ["ruff>=0.5"],
+    },
     license="MIT",
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
 )

@@ -72,3 +72,59 @@ def verdict(label: str, ratio: float, target: float, smoke: bool) -> None:
         print(f"{label}: ratio {ratio:.3f} (smoke run: one repetition, not a measurement)")
     else:
         print(f"{label}: ratio {ratio:.3f}, target <= {target:.2f}: {'MET' if ratio <= target else 'NOT MET'}")
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+class Clock:
+    """Wall time and process CPU time (all threads: writer threads included) of a side's timed span.
+
+    On a shared machine other processes stretch the wall time of whatever runs while they do; the
+    CPU time of the process is what the side itself spent. ``stop`` returns the wall seconds, as
+    ``alternate`` expects; ``cpu`` holds the CPU seconds per side, warm-up rounds first.
+    """
+
+    def __init__(self) -> None:
+        self.cpu: dict[str, list[float]] = {}
+
+    def start(self) -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def stop(self, name: str, started: tuple[float, float]) -> float:
+        self.cpu.setdefault(name, []).append(time.process_time() - started[1])
+        return time.perf_counter() - started[0]
+
+    def cpu_times(self, warmup: int = 1) -> dict[str, list[float]]:
+        return {name: values[warmup:] for name, values in self.cpu.items()}
+
+
+def paired_ratios(times: dict[str, list[float]], baseline: str) -> dict[str, float]:
+    """For each side, the median over rounds of its time over the baseline's in the same round.
+
+    Sides of one round run back to back, so a slow spell of a shared machine (other processes,
+    the host's neighbours) slows both sides of a pair; the median of these ratios is steadier
+    than the ratio of two medians taken over different moments.
+    """
+    return {
+        name: statistics.median(value / base for value, base in zip(values, times[baseline]))
+        for name, values in times.items()
+    }
+
+
+def met(ratio: float, target: float, smoke: bool) -> str:
+    """The README's "met" cell."""
+    return "smoke run" if smoke else ("yes" if ratio <= target else "no")
+
+
+def readme_table(header: list[str], rows: list[list[str]]) -> None:
+    """Print rows in the exact markdown form benchmarks/README.md uses, ready to paste."""
+    print("\nREADME table (benchmarks/README.md):\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+SUMMARY_HEADER = ["benchmark", "baseline", "measured", "target", "met"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 import torch
-from _common import alternate, machine, parse_args, report
+from _common import SUMMARY_HEADER, alternate, machine, median, parse_args, readme_table, report
 
 from batteries import AverageMeter
 
@@ -61,6 +61,20 @@ def main() -> None:
         1e6,
     )
     print("meter update: no target on CPU (see docstring); host syncs per update with tensors: 0")
+    us = {name: median(values) * 1e6 for name, values in times.items()}
+    readme_table(
+        SUMMARY_HEADER,
+        [
+            [
+                f"`AverageMeter.update` with a tensor, {device.type.upper()}",
+                f"`update(float)`: {us['update(float)']:.2f} us; "
+                f"`update(loss.item())`: {us['update(loss.item())']:.2f} us",
+                f"{us['update(tensor)']:.2f} us",
+                "none on CPU" if device.type == "cpu" else "below `update(loss.item())`",
+                "no host sync per update" if args.smoke or device.type == "cpu" else "see figures",
+            ]
+        ],
+    )
 
 
 if __name__ == "__main__":
