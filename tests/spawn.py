@@ -17,6 +17,7 @@ import pickle
 import queue
 import socket
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -97,3 +98,32 @@ def run_workers(
     if failures:
         raise RuntimeError("\n".join(failures))
     return [collected[rank] for rank in range(world_size)]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pids: list[int]) -> list[int]:
+    """The processes of ``pids`` still running (a zombie has ended: only its parent has not reaped it yet)."""
+    running = []
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                running.append(pid)
+        except OSError:
+            pass
+    return running

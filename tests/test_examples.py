@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from spawn import free_port
+from spawn import alive, descendants, free_port
 
 from batteries import load_checkpoint, make_loader
 
@@ -244,33 +244,6 @@ def test_ddp_example_two_nodes_c10d_rendezvous(tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert "World size 2" in (logdir / "train.log").read_text()
     assert_one_run(logdir)
-
-
-def descendants(pid):
-    """Every process below ``pid``, from /proc (torchrun starts its workers in sessions of their own)."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, queue = [], [pid]
-    while queue:
-        for child in children.get(queue.pop(), []):
-            found.append(child)
-            queue.append(child)
-    return found
-
-
-def alive(pids):
-    """The processes of ``pids`` still running (a zombie has ended: only its parent has not reaped it yet)."""
-    running = []
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                running.append(pid)
-    return running
 
 
 def kill_tree(process):
