@@ -146,18 +146,22 @@ class CheckpointManager:
         self._submitted: int | None = None  # epoch of the asynchronous save in flight
         self.values: list[dict[str, Any]] = []
         self.lost_epochs: list[int] = []
+        self._files: dict[int, list[int]] = {}  # epoch -> [inode, size] of its numbered file, as written
+        self._recorded_n_best: int | None = None
         self._extra: dict[str, Any] = {}
         if distributed.is_main_process():
             self.logdir.mkdir(parents=True, exist_ok=True)
-        if not self._load_history():
-            numbered = sorted(p.name for p in self._numbered_files())
-            if numbered:
-                raise ValueError(
-                    f"'{self.logdir}' holds numbered checkpoints ({', '.join(numbered[:5])}"
-                    f"{', ...' if len(numbered) > 5 else ''}) but no '{self.metrics_file.name}', so the manager "
-                    "cannot tell which are the best. Move them away, or build the manager with another "
-                    "logdir or checkpoint_names."
-                )
+        loaded = self._load_history()
+        numbered = sorted(p.name for p in self._numbered_files())
+        # the manager writes its history before its first numbered file: without records, at most one
+        # numbered file (a save interrupted before it was recorded) can be its own
+        if (not loaded and numbered) or (loaded and not self.values and len(numbered) > 1):
+            raise ValueError(
+                f"'{self.logdir}' holds numbered checkpoints ({', '.join(numbered[:5])}"
+                f"{', ...' if len(numbered) > 5 else ''}) but '{self.metrics_file.name}' has no history of "
+                "them, so the manager cannot tell which are the best. Move them away, or build the manager "
+                "with another logdir or checkpoint_names."
+            )
 
     # ----------------------------------------------------------------- history
     def _unusable(self, problem: str) -> ValueError:
@@ -191,17 +195,25 @@ class CheckpointManager:
                     f"{'metric' if key == 'metric_name' else key}={mine!r}; build it with the same value, or "
                     "use another logdir"
                 )
-        values = [self._check_record(record, index) for index, record in enumerate(saved["values"])]
+        recorded_n_best = saved.get("save_n_best")
+        self._recorded_n_best = recorded_n_best if type(recorded_n_best) is int else None
+        self.values, self.lost_epochs = self._checked_history(saved["values"], saved.get("lost_epochs", []))
+        files = saved.get("files", {})
+        self._files = {int(k): v for k, v in files.items() if k.isdigit()} if isinstance(files, dict) else {}
+        known = {"metric_name", "metric_minimization", "save_n_best", "values", "lost_epochs", "files"}
+        self._extra = {key: value for key, value in saved.items() if key not in known}
+        return True
+
+    def _checked_history(self, records: Any, lost: Any) -> tuple[list[dict[str, Any]], list[int]]:
+        if not isinstance(records, list):
+            raise self._unusable(f"has values={str(records)[:60]}, expected a list of records")
+        values = [self._check_record(record, index) for index, record in enumerate(records)]
         epochs = [record["epoch"] for record in values]
         if any(later <= earlier for earlier, later in zip(epochs, epochs[1:])):
             raise self._unusable(f"records epochs out of order or twice ({epochs})")
-        lost = saved.get("lost_epochs", [])
         if not isinstance(lost, list) or not all(type(epoch) is int for epoch in lost):
             raise self._unusable(f"has lost_epochs={lost!r}, expected a list of ints")
-        self.values, self.lost_epochs = values, sorted(set(lost))
-        known = {"metric_name", "metric_minimization", "save_n_best", "values", "lost_epochs"}
-        self._extra = {key: value for key, value in saved.items() if key not in known}
-        return True
+        return values, sorted(set(lost))
 
     def _check_record(self, record: Any, index: int) -> dict[str, Any]:
         where = f"record {index} ({record!r})"
@@ -260,6 +272,8 @@ class CheckpointManager:
 
     def _write_metrics(self) -> None:
         extra = {"lost_epochs": self.lost_epochs} if self.lost_epochs else {}
+        kept = set(self._kept_epochs())
+        extra["files"] = {str(epoch): entry for epoch, entry in sorted(self._files.items()) if epoch in kept}
         atomic_write_json(
             self.metrics_file,
             {
@@ -325,12 +339,25 @@ class CheckpointManager:
         """
         epoch = check_int(epoch, "epoch", minimum=0)
         record = self._record(score, epoch)
+        saved_epoch = checkpoint.get("epoch") if isinstance(checkpoint, Mapping) else None
+        if isinstance(saved_epoch, (int, np.integer)) and not isinstance(saved_epoch, bool) and saved_epoch != epoch:
+            raise ValueError(
+                f"checkpoint['epoch'] is {saved_epoch} but process(epoch={epoch}): they must be the same, because "
+                "restore_training_state(..., manager=manager) rewinds the manager to checkpoint['epoch'] (with "
+                "another numbering it would delete the checkpoint resumed from)"
+            )
         if not distributed.is_main_process():
             return self._path(epoch)
         if not self.async_save:
             self._writer.wait()
         if self._submitted is None and self.metrics_file.exists():
             self._load_history()  # the history on disk is the truth (an interrupted call may have committed)
+        if self._recorded_n_best is not None and self._recorded_n_best > self.save_n_best:
+            raise ValueError(
+                f"'{self.metrics_file}' records save_n_best={self._recorded_n_best}, but this manager was built "
+                f"with save_n_best={self.save_n_best}, which would delete kept checkpoints; build it with "
+                f"save_n_best={self._recorded_n_best} (or more) to continue, or use another logdir"
+            )
         newest = self._newest_epoch()
         if newest is not None and epoch <= newest:
             raise ValueError(
@@ -340,8 +367,12 @@ class CheckpointManager:
                 "..., manager=manager) does it for you."
             )
         if self.async_save:  # the snapshot is taken here, in the caller: training may change the tensors right after
-            self._writer.submit(checkpoint, lambda data: self._commit_async(record, data))
-            self._submitted = epoch
+            self._submitted = epoch  # before the job may start (and end, setting it back to None)
+            try:
+                self._writer.submit(checkpoint, lambda data: self._commit_async(record, data))
+            except BaseException:
+                self._submitted = None
+                raise
         else:
             self._commit(record, checkpoint)
         return self._path(epoch)
@@ -364,6 +395,8 @@ class CheckpointManager:
         committed = False
         try:
             atomic_write(path, lambda tmp: self.save_fn(checkpoint, str(tmp)))
+            written = path.stat()
+            self._files[epoch] = [written.st_ino, written.st_size]  # to recognise its hard links later
             self.values = [*self.values, record]
             self.lost_epochs = [old for old in self.lost_epochs if old != epoch]
             self._write_metrics()  # the commit point
@@ -378,12 +411,17 @@ class CheckpointManager:
         self._tidy()
 
     def _holds_epoch(self, source: Path, epoch: int) -> bool:
-        """Whether ``source`` (best.pth / last.pth) is a checkpoint of ``epoch`` (read lazily)."""
+        """Whether ``source`` (best.pth / last.pth) is a hard link to the file written for ``epoch``.
+
+        Decided from the inode and size recorded when that file was written, never from the content
+        (another manager's or another numbering's checkpoint may say the same epoch). A copy (on file
+        systems without hard links) cannot be recognised: the epoch is then marked lost instead.
+        """
         try:
-            data = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001 - unreadable or not a torch checkpoint: it does not hold it
+            stat = source.stat()
+        except OSError:
             return False
-        return isinstance(data, Mapping) and type(data.get("epoch")) is int and data["epoch"] == epoch
+        return self._files.get(epoch) == [stat.st_ino, stat.st_size]
 
     def _restore_or_lose(self, warn: bool = True) -> None:
         """Make every kept epoch's numbered file exist again, or mark the epoch lost (with a warning)."""
@@ -420,8 +458,13 @@ class CheckpointManager:
         best = self.best_epoch
         if best is not None:
             atomic_link(self._path(best), self.logdir / "best.pth")
-        kept = set(self._kept_epochs())
-        stale = [entry for entry in self._numbered_files() if int(self._pattern.match(entry.name)[1]) not in kept]
+        kept, recorded = set(self._kept_epochs()), {record["epoch"] for record in self.values}
+        newest = max(recorded, default=-1)
+        stale = []  # recorded epochs out of the N best, and files of epochs after the history (an
+        for entry in self._numbered_files():  # interrupted save or rewind); never other unrecorded files
+            epoch = int(self._pattern.match(entry.name)[1])
+            if epoch not in kept and (epoch in recorded or epoch > newest):
+                stale.append(entry)
         for entry in self.logdir.iterdir():
             match = _TMP_PID.match(entry.name)
             if match and not _pid_alive(int(match[1])):  # a temporary file whose writer is gone
@@ -445,10 +488,7 @@ class CheckpointManager:
         Raises:
             TypeError / ValueError: if ``epoch`` is not an int >= 0.
         """
-        epoch = check_int(epoch, "epoch", minimum=0)
-        self.wait()
-        if distributed.is_main_process() and self.metrics_file.exists():
-            self._load_history()
+        epoch = self._ready_to_rewind(epoch)
         if all(record["epoch"] <= epoch for record in self.values):
             return
         self.values = [record for record in self.values if record["epoch"] <= epoch]
@@ -456,6 +496,15 @@ class CheckpointManager:
         if distributed.is_main_process():
             self._write_metrics()
             self._tidy(warn=False)  # epochs back among the N best had their files deleted as expected
+
+    def _ready_to_rewind(self, epoch: Any) -> int:
+        """Everything :meth:`rewind` checks before it changes anything (``restore_training_state``
+        calls it before it restores any component, so that a restore is all or nothing)."""
+        epoch = check_int(epoch, "epoch", minimum=0)
+        self.wait()
+        if distributed.is_main_process() and self.metrics_file.exists():
+            self._load_history()
+        return epoch
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -481,8 +530,7 @@ class CheckpointManager:
         for key, mine in (("metric_name", self.metric), ("metric_minimization", self.metric_minimization)):
             if state.get(key) != mine:
                 raise ValueError(f"state has {key}={state.get(key)!r}, but this manager has {mine!r}")
-        values = [self._check_record(record, index) for index, record in enumerate(state["values"])]
-        self.values, self.lost_epochs = values, sorted(set(state.get("lost_epochs", [])))
+        self.values, self.lost_epochs = self._checked_history(state.get("values"), state.get("lost_epochs", []))
         if distributed.is_main_process():
             self.logdir.mkdir(parents=True, exist_ok=True)
             self._write_metrics()

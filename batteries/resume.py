@@ -229,6 +229,8 @@ def restore_training_state(
                 "RNG states not restored, the random streams differ from the saved run's",
                 stacklevel=2,
             )
+    if manager is not None:  # before anything is restored: a rewind that would fail fails now
+        manager._ready_to_rewind(checkpoint["epoch"])
     load_states(parts, source, strict)
     if rng_state is not None:
         set_rng_state(rng_state)  # checked above: changes every RNG or none

@@ -269,7 +269,7 @@ def test_numbered_checkpoints_without_history_are_refused(tmp_path):
     for epoch in (1, 2):
         torch.save(checkpoint(epoch), tmp_path / f"exp_{epoch}.pth")
     before = folder_state(tmp_path)
-    with pytest.raises(ValueError, match="exp_1.pth, exp_2.pth.*no 'metrics.json'"):
+    with pytest.raises(ValueError, match="exp_1.pth, exp_2.pth.*'metrics.json' has no history"):
         CheckpointManager(tmp_path)
     assert folder_state(tmp_path) == before
 
@@ -331,3 +331,89 @@ def test_numpy_integers_are_ints(tmp_path):
     with pytest.raises(TypeError, match="epoch"):
         manager.process(score=1.0, epoch=4.0, checkpoint=checkpoint(4))
     assert not math.isnan(manager.best_score)
+
+
+# ------------------------------------------------------------------ found by a hostile review
+def test_a_missing_file_is_restored_only_from_a_link_to_that_very_file(tmp_path):
+    """Two managers share best.pth: one's missing file is never restored from the other's checkpoint."""
+    model = CheckpointManager(tmp_path, checkpoint_names="model", metrics_file="model.json")
+    ema = CheckpointManager(tmp_path, checkpoint_names="ema", metrics_file="ema.json")
+    for epoch in (1, 2):
+        model.process(score=1.0 / (3 - epoch) if epoch == 2 else 0.1, epoch=epoch, checkpoint=checkpoint(epoch))
+        ema.process(score=0.01 * epoch, epoch=epoch, checkpoint=make_checkpoint("ema", epoch, nn.Linear(2, 1)))
+    assert saved_epoch(tmp_path / "best.pth") == 1  # ema's epoch 1, which also says "epoch": 1
+    (tmp_path / "model_1.pth").unlink()  # model's best, deleted by hand
+    with pytest.warns(UserWarning, match=r"\[1\]"):
+        model.process(score=5.0, epoch=3, checkpoint=checkpoint(3))
+    assert not (tmp_path / "model_1.pth").exists() and 1 in model.lost_epochs
+
+
+def test_the_checkpoints_epoch_must_be_the_processed_epoch(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    with pytest.raises(ValueError, match=r"checkpoint\['epoch'\] is 0 but process\(epoch=1\)"):
+        manager.process(score=1.0, epoch=1, checkpoint=make_checkpoint("s", 0, MODEL))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_history_without_records_beside_numbered_files_is_refused(tmp_path):
+    filled(tmp_path, [3.0, 1.0, 2.0])
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    (tmp_path / "metrics.json").write_text(json.dumps({**data, "values": []}))
+    before = folder_state(tmp_path)
+    with pytest.raises(ValueError, match="no history of them"):
+        CheckpointManager(tmp_path, save_n_best=2)
+    assert folder_state(tmp_path) == before
+
+
+def test_a_smaller_save_n_best_than_recorded_is_refused_before_deleting(tmp_path):
+    filled(tmp_path, [3.0, 1.0, 2.0], n_best=3)
+    before = folder_state(tmp_path)
+    manager = CheckpointManager(tmp_path)  # save_n_best=1: reading the folder is fine
+    with pytest.raises(ValueError, match="save_n_best=3"):
+        manager.process(score=0.5, epoch=4, checkpoint=checkpoint(4))
+    assert folder_state(tmp_path) == before
+
+
+def test_a_fast_background_save_never_leaves_its_epoch_behind(tmp_path, monkeypatch):
+    from batteries import _async
+
+    real = _async.AsyncWriter.submit
+
+    def submit(self, obj, job):  # the background job ends before the caller's next line
+        real(self, obj, job)
+        self._pending.result()
+
+    monkeypatch.setattr(_async.AsyncWriter, "submit", submit)
+    manager = filled(tmp_path, [5.0, 4.0, 3.0, 2.0, 1.0], n_best=3, async_save=True)
+    manager.wait()
+    manager.rewind(2)
+    manager.process(score=0.1, epoch=3, checkpoint=checkpoint(3))
+    manager.wait()
+    assert [r["epoch"] for r in manager.values] == [1, 2, 3]
+
+
+def test_load_state_dict_refuses_a_history_the_constructor_would_refuse(tmp_path):
+    manager = filled(tmp_path, [3.0, 1.0])
+    before = folder_state(tmp_path)
+    state = manager.state_dict()
+    for bad in ({**state, "values": state["values"][::-1]}, {**state, "lost_epochs": ["1"]}):
+        with pytest.raises(ValueError, match="metrics.json"):
+            manager.load_state_dict(bad)
+    assert folder_state(tmp_path) == before
+
+
+def test_a_restore_whose_rewind_would_fail_restores_nothing(tmp_path):
+    from batteries import make_training_state, restore_training_state
+
+    manager = filled(tmp_path, [3.0, 1.0])
+    model = nn.Linear(2, 1)
+    state = make_training_state(model, epoch=1)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)  # the model differs from the state now
+    changed = {key: value.clone() for key, value in model.state_dict().items()}
+    (tmp_path / "metrics.json").write_text("null")  # the history became unusable after the manager was built
+    with pytest.raises(ValueError, match="metrics.json"):
+        restore_training_state(state, model, manager=manager)
+    assert all(torch.equal(value, changed[key]) for key, value in model.state_dict().items())
+    assert not all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
