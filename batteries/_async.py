@@ -19,36 +19,55 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
+from torch import nn
 
 
 def snapshot(obj: Any, buffers: list[torch.Tensor] | None = None) -> Any:
     """A copy of ``obj`` whose tensors are CPU copies and whose containers are new.
 
-    Taken in the caller, so that training may change the model's tensors in place right after.
-    With ``buffers`` (the previous snapshot's tensors, in traversal order), a tensor of the same
-    shape and dtype is copied into its old buffer instead of fresh memory: no page faults, which
-    cost more than the copy itself. The list is updated in place.
+    Taken in the caller, so that training may change the model's tensors in place right after:
+    the file then stores what ``torch.save(obj)`` at the call would have stored. With ``buffers``
+    (the previous snapshot's tensors, in traversal order), a tensor of the same shape and dtype is
+    copied into its old buffer instead of fresh memory: no page faults, which cost more than the
+    copy itself. The list is updated in place.
 
-    Containers keep their type and attributes, so the file stores what ``torch.save`` of ``obj``
-    stores: a dict subclass is shallow-copied (``copy.copy``: a ``Counter``, a ``defaultdict`` with
-    its ``default_factory``, an ``OrderedDict`` state dict with its ``_metadata``) before its values
-    are replaced by their snapshots; namedtuples, tuples and lists are rebuilt as their own type.
+    Containers keep their type and attributes: a dict or list subclass is shallow-copied
+    (``copy.copy``: a ``Counter``, a ``defaultdict`` with its ``default_factory``, an ``OrderedDict``
+    state dict with its ``_metadata``, a list subclass's attributes) before its items are replaced
+    by their snapshots; namedtuples and tuples are rebuilt as their own type. An ``nn.Parameter``
+    stays one, and a tensor keeps its ``requires_grad``. Any other object (an ``nn.Module``, a
+    dataclass instance) is copied whole with ``copy.deepcopy``: its tensors stay on their device.
 
     Tensors that are the same view of the same memory (tied weights: an embedding and the output
     layer that shares it) become one copy, so the file stores them once and a load ties them again,
-    as ``torch.save`` of the originals does. Views that only overlap are copied separately.
+    as ``torch.save`` of the originals does. Views that only overlap are copied separately, and so
+    are conjugate and negative views (``z.conj()``), which hold other values than their base.
+
+    Raises:
+        Exception: what ``copy.deepcopy`` raises for an object it cannot copy (e.g. a lock).
     """
     index = 0
-    copied: dict[tuple, torch.Tensor] = {}  # (device, address, dtype, shape, stride) -> its copy
+    copied: dict[tuple, torch.Tensor] = {}  # (device, address, dtype, shape, stride, conj, neg) -> its copy
+    done: dict[int, tuple] = {}  # id of a tensor given -> (it, kept alive so the id stays its own; its snapshot)
+    memo: dict[int, Any] = {}  # copy.deepcopy's: an object met twice is copied once
 
     def copy_tensor(tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.detach()
-        if tensor.layout != torch.strided or tensor.numel() == 0:
-            return copy_one(tensor)
-        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
-        if key not in copied:
-            copied[key] = copy_one(tensor)
-        return copied[key]
+        if id(tensor) in done:
+            return done[id(tensor)][1]
+        data = tensor.detach()
+        if data.layout != torch.strided or data.numel() == 0:
+            new = copy_one(data)
+        else:
+            key = (data.device, data.data_ptr(), data.dtype, data.shape, data.stride(), data.is_conj(), data.is_neg())
+            if key not in copied:
+                copied[key] = copy_one(data)
+            new = copied[key]
+        if isinstance(tensor, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=tensor.requires_grad)  # a new tensor on the same memory
+        elif tensor.requires_grad:
+            new = new.detach().requires_grad_()  # not the buffer itself: it is copied into again
+        done[id(tensor)] = (tensor, new)
+        return new
 
     def copy_one(tensor: torch.Tensor) -> torch.Tensor:
         nonlocal index
@@ -69,22 +88,27 @@ def snapshot(obj: Any, buffers: list[torch.Tensor] | None = None) -> Any:
         return fresh
 
     def walk(value: Any) -> Any:
+        if type(value) in _IMMUTABLE:
+            return value
         if isinstance(value, torch.Tensor):
             return copy_tensor(value)
-        if isinstance(value, dict):
+        if isinstance(value, (dict, list)):
             new = copy.copy(value)  # same type, same attributes (default_factory, _metadata)
-            for key in new:
+            for key in new if isinstance(new, dict) else range(len(new)):
                 new[key] = walk(new[key])
             return new
         if isinstance(value, Mapping):
             return {key: walk(item) for key, item in value.items()}
         if isinstance(value, tuple) and hasattr(value, "_fields"):
             return type(value)(*(walk(item) for item in value))
-        if isinstance(value, (list, tuple)):
+        if isinstance(value, tuple):
             return type(value)(walk(item) for item in value)
-        return value
+        return copy.deepcopy(value, memo)  # a module, a dataclass, any object: training must not change it
 
     return walk(obj)
+
+
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 
 
 # Every job whose outcome (its error, if it failed) no caller has seen yet, whichever writer ran it.

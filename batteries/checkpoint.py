@@ -8,6 +8,8 @@ import dataclasses
 import enum
 import os
 import pickle
+import re
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -58,6 +60,11 @@ def _safe(value: Any, where: str, state: bool = False) -> Any:
     if type(value) in _PLAIN:
         return value
     if isinstance(value, torch.Tensor):
+        if type(value) not in (torch.Tensor, nn.Parameter):
+            raise TypeError(
+                f"{where}: a tensor of the subclass {type(value).__name__}, which torch.load(weights_only=True) "
+                "refuses; save value.as_subclass(torch.Tensor) instead"
+            )
         if state:
             return value
         value = value.detach()
@@ -152,7 +159,8 @@ def make_checkpoint(
         ValueError: if an ``extra`` key clashes with a standard key.
         TypeError: if ``model`` is not an ``nn.Module``, or a value (in a state dict too) has no
             form that ``torch.load(weights_only=True)`` reads, e.g. a NumPy str or datetime64
-            array or an arbitrary object; the message names its key path.
+            array, a tensor subclass other than ``nn.Parameter`` or an arbitrary object; the
+            message names its key path.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -270,7 +278,24 @@ def _not_a_checkpoint(path: Path) -> str | None:
     text = head.lstrip().lower()
     if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in text:
         return "an HTML page (a download that saved a web page, e.g. an error or login page, instead of the file)"
-    return None
+    if head.startswith(b"PK\x03\x04") or zipfile.is_zipfile(path) or _LEGACY_MAGIC in head[:32]:
+        return None  # torch.save's zip archive (maybe truncated), or its legacy format
+    if head.startswith(b"\x80"):
+        return "a pickle file, not a checkpoint written by torch.save"
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy .npy file (load it with numpy.load), not a checkpoint written by torch.save"
+    return "not a checkpoint written by torch.save (neither a zip archive nor torch's legacy format)"
+
+
+# How torch.save's legacy format begins: its magic number, pickled (LONG1, 10 bytes), after the protocol header.
+_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+# torch's advice to load with weights_only=False, which its errors carry whatever went wrong
+_RERUN_ADVICE = re.compile(
+    r"This file can still be loaded, to do so you have two options.*?WeightsUnpickler error: "
+    r"|In PyTorch 2\.6, we changed the default value of the `weights_only` argument.*?trusted source\.",
+    re.DOTALL,
+)
 
 
 _REFUSED_MARKS = ("GLOBAL", "add_safe_globals", "allowlist", "unsupported class", "unrecognized function")
@@ -285,12 +310,13 @@ def _torch_load(path: Path, map_location: Any, weights_only: bool) -> Any:
     except (FileNotFoundError, MemoryError):
         raise
     except Exception as error:
-        message = f"{type(error).__name__}: {error}"
+        details = _RERUN_ADVICE.sub("", str(error)).strip()  # only our own advice below, where it applies
+        message = f"{type(error).__name__}: {details}"
         if weights_only and isinstance(error, pickle.UnpicklingError) and any(m in str(error) for m in _REFUSED_MARKS):
             raise pickle.UnpicklingError(
                 f"refused to load '{path}': it holds objects that weights_only=True does not allow "
                 "(arbitrary pickled code could run). If you trust this file, load it with "
-                f"load_checkpoint(..., weights_only=False). Details: {error}"
+                f"load_checkpoint(..., weights_only=False). Details: {details}"
             ) from error
         if map_location is not None and str(map_location) != "cpu" and _loads_on_cpu(path, weights_only):
             raise ValueError(
@@ -339,6 +365,7 @@ def _load_one(component: Any, state: Any, strict: bool) -> None:
     if isinstance(component, nn.Module):
         unwrap_model(component).load_state_dict(state, strict=strict)
     elif isinstance(component, torch.optim.Optimizer):
+        _check_state_shapes(component, state)
         before = [set(group) for group in component.param_groups]
         component.load_state_dict(state)
         lacking = sorted(set().union(*before) - set().union(*map(set, component.param_groups)))
@@ -351,6 +378,44 @@ def _load_one(component: Any, state: Any, strict: bool) -> None:
             if lacking:
                 raise ValueError(f"it lacks {lacking} (saved by another class?)")
         component.load_state_dict(state)
+
+
+def _check_state_shapes(optimizer: torch.optim.Optimizer, state: Any) -> None:
+    """Check that the tensors of each parameter's saved state have that parameter's shape.
+
+    ``Optimizer.load_state_dict`` pairs the saved parameters with the optimizer's by position and
+    compares only their numbers, so the state of other layers would load and the next step fail or
+    train wrongly. A tensor with as many dims as its parameter (``exp_avg``, ``momentum_buffer``)
+    must have its shape, dims of size 1 excepted (factored states: Adafactor's ``row_var``), unless
+    it is flat with as many elements as the group's parameters together (LBFGS's ``d``); 0-d
+    tensors (``step``) and others are not checked. A state of another structure is left to
+    ``load_state_dict`` to refuse.
+
+    Raises:
+        ValueError: naming the state, the parameter and both shapes, for the first misfit.
+    """
+    try:
+        saved_groups, per_parameter = state["param_groups"], state["state"]
+        if len(saved_groups) != len(optimizer.param_groups) or not isinstance(per_parameter, Mapping):
+            return  # load_state_dict refuses it
+        for index, (saved, group) in enumerate(zip(saved_groups, optimizer.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                return  # load_state_dict refuses it
+            flat = sum(param.numel() for param in group["params"])
+            for number, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
+                entry = per_parameter.get(saved_id)
+                for key, value in entry.items() if isinstance(entry, Mapping) else ():
+                    if not isinstance(value, torch.Tensor) or not value.dim() == param.dim() > 0:
+                        continue
+                    if value.dim() == 1 and value.numel() == flat:
+                        continue
+                    if any(size not in (expected, 1) for size, expected in zip(value.shape, param.shape)):
+                        raise ValueError(
+                            f"the saved {key!r} of parameter {number} of param_groups[{index}] has shape "
+                            f"{tuple(value.shape)}, the parameter {tuple(param.shape)}"
+                        )
+    except (TypeError, KeyError):
+        return  # a state of another structure: load_state_dict refuses it
 
 
 def load_states(parts: list[tuple[str, Any, Any]], source: Any, strict: bool = True) -> None:
@@ -446,7 +511,8 @@ def load_checkpoint(
         pickle.UnpicklingError: if ``weights_only=True`` refuses the file's content (the message
             says how to opt out for a trusted file).
         ValueError: if the file loads on the CPU but not with ``map_location``.
-        RuntimeError: if the file is not a torch checkpoint (a git-lfs pointer, an HTML page), is
+        RuntimeError: if the file is not a torch checkpoint (a git-lfs pointer, an HTML page, a
+            plain pickle, a NumPy or JSON file: anything ``torch.save`` did not write), is
             truncated or corrupt (the message names the file), or a state does not fit its
             component (the message names the component; nothing is loaded).
         KeyError: naming every component given whose state the checkpoint lacks (nothing is loaded).

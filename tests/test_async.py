@@ -1,10 +1,13 @@
 """Background saves: what they store, and their errors, which are never lost (not even at exit)."""
 
 import collections
+import dataclasses
 import os
 import subprocess
 import sys
 import textwrap
+import time
+import types
 from pathlib import Path
 
 import torch
@@ -17,7 +20,7 @@ from batteries import save_checkpoint, wait_for_saves
 def assert_same(a, b):
     assert type(a) is type(b), (type(a), type(b))
     if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
+        assert torch.equal(a, b) and a.requires_grad == b.requires_grad
     elif isinstance(a, dict):
         assert list(a) == list(b)
         for key in a:
@@ -28,6 +31,9 @@ def assert_same(a, b):
         assert len(a) == len(b)
         for x, y in zip(a, b):
             assert_same(x, y)
+        assert getattr(a, "__dict__", None) == getattr(b, "__dict__", None)
+    elif hasattr(a, "__dict__"):  # a module, a dataclass, any object: its attributes
+        assert_same(vars(a), vars(b))
     else:
         assert a == b
 
@@ -52,6 +58,59 @@ def test_background_save_stores_what_a_blocking_save_stores(tmp_path):
     assert background["model"]._metadata == state._metadata
     assert background["lookup"].default_factory is list and background["counter"]["cat"] == 2
     model.load_state_dict(background["model"])
+
+
+@dataclasses.dataclass
+class State:
+    weight: torch.Tensor
+
+
+class Tagged(list):
+    pass
+
+
+def test_background_save_copies_every_object_at_the_call(tmp_path):
+    def slow_save(obj, path):
+        time.sleep(0.3)  # training goes on meanwhile
+        torch.save(obj, path)
+
+    model = nn.Linear(2, 2)
+    state = State(torch.ones(3))
+    parameter = nn.Parameter(torch.ones(2))
+    leaf = torch.ones(2, requires_grad=True)
+    complex_values = torch.tensor([1 + 2j, 3 - 1j])
+    real_values = torch.tensor([1.0, 2.0])
+    tagged = Tagged([torch.ones(1)])
+    tagged.tag = "x"
+    obj = {
+        "model": model,
+        "state": state,
+        "namespace": types.SimpleNamespace(t=real_values),
+        "parameter": parameter,
+        "leaf": leaf,
+        "complex": complex_values,
+        "conj": complex_values.conj(),  # same memory and strides as its base, other values
+        "real": real_values,
+        "neg": torch._neg_view(real_values),
+        "tagged": tagged,
+    }
+    save_checkpoint(obj, tmp_path, "sync.pth")
+    for name in ("first.pth", "second.pth"):  # the second copies into the first one's buffers
+        save_checkpoint(obj, tmp_path, name, save_fn=slow_save, blocking=False)
+        with torch.no_grad():  # the next training step, right after the call returned
+            for tensor in (model.weight, state.weight, parameter, leaf, complex_values, real_values, tagged[0]):
+                tensor.mul_(2)
+        tagged.tag = "changed"
+        wait_for_saves()
+        with torch.no_grad():
+            for tensor in (model.weight, state.weight, parameter, leaf, complex_values, real_values, tagged[0]):
+                tensor.div_(2)  # exactly back
+        tagged.tag = "x"
+    sync = torch.load(tmp_path / "sync.pth", weights_only=False)
+    assert type(sync["parameter"]) is nn.Parameter and sync["leaf"].requires_grad
+    assert torch.equal(sync["conj"], complex_values.conj().resolve_conj())
+    for name in ("first.pth", "second.pth"):
+        assert_same(torch.load(tmp_path / name, weights_only=False), sync)
 
 
 # ---------------------------------------------------------------- errors at interpreter exit

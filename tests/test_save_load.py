@@ -6,6 +6,7 @@ import enum
 import errno
 import json
 import os
+import pickle
 import resource
 import select
 import signal
@@ -17,7 +18,15 @@ import pytest
 import torch
 from torch import nn
 
-from batteries import CheckpointManager, load_checkpoint, make_checkpoint, save_checkpoint, wait_for_saves
+from batteries import (
+    CheckpointManager,
+    load_checkpoint,
+    make_checkpoint,
+    make_training_state,
+    restore_training_state,
+    save_checkpoint,
+    wait_for_saves,
+)
 
 
 def make_model(seed=0, width=3):
@@ -167,6 +176,19 @@ def test_values_with_no_safe_form_are_refused_when_made(kwargs, where):
         make_checkpoint("s", 1, make_model(), **kwargs)
 
 
+class Marked(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("key", ["extra", "ema_state_dict"])
+def test_tensor_subclasses_are_refused_when_made(tmp_path, key):
+    with pytest.raises(TypeError, match=rf"{key}\['w'\].*Marked"):
+        make_checkpoint("s", 1, make_model(), **{key: {"w": torch.ones(2).as_subclass(Marked)}})
+    checkpoint = make_checkpoint("s", 1, make_model(), **{key: {"w": nn.Parameter(torch.ones(2))}})
+    torch.save(checkpoint, tmp_path / "c.pth")
+    assert torch.equal(torch.load(tmp_path / "c.pth", weights_only=True)[key]["w"], torch.ones(2))
+
+
 def test_unsafe_value_inside_optimizer_state_is_refused_when_made():
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -204,6 +226,46 @@ def test_load_checkpoint_scheduler_of_another_class_changes_nothing(tmp_path):
     assert not hasattr(cosine, "step_size")  # no attribute of the StepLR state left behind
 
 
+@pytest.mark.parametrize("optimizer_class", [torch.optim.Adam, torch.optim.SGD])
+@pytest.mark.parametrize("through", ["load_checkpoint", "restore_training_state"])
+def test_optimizer_state_of_other_shapes_changes_nothing(tmp_path, optimizer_class, through):
+    source = nn.Linear(3, 1)
+    optimizer = (
+        optimizer_class(source.parameters(), lr=0.1, momentum=0.9) if optimizer_class is torch.optim.SGD else None
+    )
+    optimizer = optimizer or optimizer_class(source.parameters(), lr=0.1)
+    source(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    target = nn.Linear(2, 1)  # as many parameters, other shapes
+    target_optimizer = optimizer_class(target.parameters(), lr=0.5)
+    before = tensors_of(target_optimizer.state_dict())
+    with pytest.raises(RuntimeError, match=r"optimizer.*\(1, 3\).*\(1, 2\).*Nothing was restored"):
+        if through == "load_checkpoint":
+            save_checkpoint(make_checkpoint("s", 1, source, optimizer), tmp_path, "c.pth")
+            load_checkpoint(tmp_path / "c.pth", optimizer=target_optimizer, verbose=False)
+        else:
+            state = make_training_state(source, epoch=1, optimizer=optimizer)
+            restore_training_state(state, optimizer=target_optimizer, restore_rng=False)
+    assert_same(tensors_of(target_optimizer.state_dict()), before)
+
+
+@pytest.mark.parametrize("optimizer_class", [torch.optim.Adafactor, torch.optim.LBFGS])
+def test_optimizer_states_not_shaped_as_their_parameters_still_load(optimizer_class):
+    model = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 3))  # Adafactor: (3, 1) and (1, 4); LBFGS: one flat (23,)
+
+    def closure():
+        loss = model(torch.randn(6, 4)).square().mean()
+        loss.backward()
+        return loss
+
+    optimizer = optimizer_class(model.parameters())
+    optimizer.step(closure)
+    target = optimizer_class(nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 3)).parameters())
+    state = make_training_state(model, epoch=1, optimizer=optimizer)
+    restore_training_state(state, optimizer=target, restore_rng=False)
+    torch.testing.assert_close(target.state_dict(), optimizer.state_dict(), rtol=0, atol=0, equal_nan=True)
+
+
 # ---------------------------------------------------------------- errors that say what is wrong (item 12)
 @pytest.mark.parametrize("map_location", ["nonsense", 12])
 def test_bad_map_location_is_not_reported_as_a_corrupt_file(tmp_path, map_location):
@@ -232,6 +294,36 @@ def test_a_file_that_is_no_checkpoint_is_reported_as_such(tmp_path, content, wha
     with pytest.raises(RuntimeError, match=what) as info:
         load_checkpoint(tmp_path / "model.pth", verbose=False)
     assert "model.pth" in str(info.value) and "weights_only=False" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "name, write",
+    [
+        ("model.pkl", lambda path: path.write_bytes(pickle.dumps({"a": np.zeros(2)}))),
+        ("model.npy", lambda path: np.save(path, np.zeros(3))),
+        ("metrics.json", lambda path: path.write_text(json.dumps({"values": [1]}))),
+    ],
+    ids=["pickle", "npy", "json"],
+)
+def test_a_file_not_written_by_torch_save_is_named_so_with_no_advice(tmp_path, name, write):
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(RuntimeError, match="not a checkpoint written by torch.save") as info:
+        load_checkpoint(path, verbose=False)
+    assert "weights_only=False" not in str(info.value) and "`weights_only` set to `False`" not in str(info.value)
+
+
+def test_only_a_refused_class_gets_the_weights_only_advice(tmp_path):
+    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), tmp_path / "script.pt")  # a zip torch refuses for another reason
+    with pytest.raises(RuntimeError, match="TorchScript") as info:
+        load_checkpoint(tmp_path / "script.pt", verbose=False)
+    assert "weights_only=False" not in str(info.value) and "`weights_only` set to `False`" not in str(info.value)
+    torch.save({"w": torch.ones(2).as_subclass(Marked)}, tmp_path / "marked.pth")
+    with pytest.raises(pickle.UnpicklingError, match="Marked") as info:
+        load_checkpoint(tmp_path / "marked.pth", verbose=False)
+    assert str(info.value).count("weights_only=False") == 1  # ours, and not torch's too
+    assert "`weights_only` set to `False`" not in str(info.value)
+    assert load_checkpoint(tmp_path / "marked.pth", weights_only=False, verbose=False)["w"].sum() == 2
 
 
 def test_torch_save_disk_full_is_an_oserror_naming_the_file(tmp_path):
