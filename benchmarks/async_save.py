@@ -71,7 +71,7 @@ def main() -> None:
         def process(manager: CheckpointManager, key: str) -> float:
             epochs[key] += 1
             start = time.perf_counter()
-            manager.process(score=float(epochs[key]), epoch=epochs[key], checkpoint=state)
+            manager.process(score=float(epochs[key]), epoch=epochs[key], checkpoint={**state, "epoch": epochs[key]})
             elapsed = time.perf_counter() - start
             manager.wait()
             return elapsed

@@ -86,9 +86,9 @@ def main() -> None:
         # 1. bytes written per process()
         state = state_of(sizes[-1] if args.smoke else min(sizes[-1], 100))
         manager = CheckpointManager(root / "manager", save_n_best=2)
-        manager.process(score=1.0, epoch=1, checkpoint=state)  # warm up: folder and metrics.json exist
+        manager.process(score=1.0, epoch=1, checkpoint={**state, "epoch": 1})  # warm up: folder and metrics.json exist
         before = write_bytes()
-        manager.process(score=0.5, epoch=2, checkpoint=state)
+        manager.process(score=0.5, epoch=2, checkpoint={**state, "epoch": 2})
         after = write_bytes()
         size = (root / "manager" / "exp_2.pth").stat().st_size
         rows, speeds = [], []
