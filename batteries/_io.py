@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +34,10 @@ def fsync_file(path: Path) -> None:
 
 
 def tmp_path(final: Path) -> Path:
-    """A unique temporary name beside ``final``, hidden and marked so leftovers can be recognised."""
-    return final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    """A unique temporary name beside ``final``, hidden and marked so leftovers can be recognised:
+    ``.{name}.tmp-{pid}-{8 hex digits}-{host}``. The pid and host name of the writer let a later
+    process tell whether the writer is gone (a pid is only meaningful on its own host)."""
+    return final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}")
 
 
 def _discard(path: Path) -> None:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import socket
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,7 +24,8 @@ from batteries._io import TMP_MARK, atomic_link, atomic_write, atomic_write_json
 __all__ = ["CheckpointManager"]
 
 _LINKS = ("best.pth", "last.pth")
-_TMP_PID = re.compile(rf"^\..+{re.escape(TMP_MARK)}(\d+)-")  # the writer's pid in a temporary name (_io.tmp_path)
+# the writer's pid and host in a temporary name (_io.tmp_path); names of older versions carry no host
+_TMP_WRITER = re.compile(rf"^\..+{re.escape(TMP_MARK)}(\d+)-[0-9a-f]{{8}}(?:-(.+))?$")
 
 
 def _number(value: Any, where: str) -> float | int | None:
@@ -466,8 +468,8 @@ class CheckpointManager:
             if epoch not in kept and (epoch in recorded or epoch > newest):
                 stale.append(entry)
         for entry in self.logdir.iterdir():
-            match = _TMP_PID.match(entry.name)
-            if match and not _pid_alive(int(match[1])):  # a temporary file whose writer is gone
+            match = _TMP_WRITER.match(entry.name)  # a temporary file whose writer, on this host, is gone
+            if match and match[2] in (None, socket.gethostname()) and not _pid_alive(int(match[1])):
                 stale.append(entry)
         remove_durably(stale)
 

@@ -4,6 +4,7 @@ step of a save, files deleted or edited by hand, epochs that go back, values Pyt
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -132,12 +133,14 @@ def test_repairs_touch_only_what_is_provably_abandoned(tmp_path):
     manager = filled(tmp_path, [3.0, 1.0])
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        alive = tmp_path / f".step.pth.tmp-{sleeper.pid}-0123abcd"
-        abandoned = tmp_path / f".exp_3.pth.tmp-{dead_pid()}-4567abcd"
-        alive.write_bytes(b"a writer is still writing this")
-        abandoned.write_bytes(b"its writer is gone")
+        host, dead = socket.gethostname(), dead_pid()
+        alive = tmp_path / f".step.pth.tmp-{sleeper.pid}-0123abcd-{host}"
+        abandoned = tmp_path / f".exp_3.pth.tmp-{dead}-4567abcd-{host}"
+        elsewhere = tmp_path / f".exp_3.pth.tmp-{dead}-89abcdef-another-node.example.org"  # a pid of another host
+        for path in (alive, abandoned, elsewhere):
+            path.write_bytes(b"half written")
         manager.process(score=2.0, epoch=3, checkpoint=checkpoint(3))
-        assert alive.exists() and not abandoned.exists()
+        assert alive.exists() and not abandoned.exists() and elsewhere.exists()
     finally:
         sleeper.kill()
         sleeper.wait()
