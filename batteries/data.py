@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from batteries._checks import check_int
+from batteries._io import pid_alive
 from batteries.seed import seed_all
 
 __all__ = ["make_loader", "die_with_parent"]
@@ -44,17 +45,8 @@ def die_with_parent(ancestor_pid: int | None = None) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # no libc prctl: the process behaves as Python's default
         return
-    if os.getppid() != parent or (ancestor_pid is not None and not _alive(ancestor_pid)):
+    if os.getppid() != parent or (ancestor_pid is not None and not pid_alive(ancestor_pid)):
         os.kill(os.getpid(), signal.SIGKILL)  # it died before the request was in place
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (Linux: a zombie, killed but not yet reaped by its parent, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as file:
-            return file.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def _init_worker(worker_id: int, user_init: Callable[[int], Any] | None, training_pid: int) -> None:

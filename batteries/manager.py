@@ -19,7 +19,7 @@ import torch
 from batteries import distributed
 from batteries._async import AsyncWriter
 from batteries._checks import check_bool, check_file_name, check_int
-from batteries._io import TMP_MARK, atomic_link, atomic_write, atomic_write_json, remove_durably
+from batteries._io import TMP_MARK, atomic_link, atomic_write, atomic_write_json, pid_alive, remove_durably
 
 __all__ = ["CheckpointManager"]
 
@@ -41,17 +41,6 @@ def _number(value: Any, where: str) -> float | int | None:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _pid_alive(pid: int) -> bool:
-    """True if a process ``pid`` exists on this machine (or may: no permission to signal it)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
 
 
 class CheckpointManager:
@@ -469,7 +458,7 @@ class CheckpointManager:
                 stale.append(entry)
         for entry in self.logdir.iterdir():
             match = _TMP_WRITER.match(entry.name)  # a temporary file whose writer, on this host, is gone
-            if match and match[2] in (None, socket.gethostname()) and not _pid_alive(int(match[1])):
+            if match and match[2] in (None, socket.gethostname()) and not pid_alive(int(match[1])):
                 stale.append(entry)
         remove_durably(stale)
 

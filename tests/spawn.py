@@ -11,10 +11,13 @@ worker's traceback; a run that exceeds ``timeout_s`` kills every worker and fail
 from __future__ import annotations
 
 import datetime
+import json
 import multiprocessing as mp
 import os
 import pickle
 import queue
+import select
+import signal
 import socket
 import traceback
 from pathlib import Path
@@ -127,3 +130,28 @@ def alive(pids: list[int]) -> list[int]:
         except OSError:
             pass
     return running
+
+
+def run_in_child(fn: Callable[[], Any], timeout_s: float = 60) -> dict:
+    """``fn()`` in a forked child (torch is imported already); the JSON it returns, or on an exception
+    ``{"error": "Type: message", "type", "errno", "message"}``. A child that hangs is killed."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        try:
+            result = fn()
+        except BaseException as error:  # noqa: BLE001 - reported to the parent, never escapes the child
+            kind, number = type(error).__name__, getattr(error, "errno", None)
+            result = {"error": f"{kind}: {error}", "type": kind, "errno": number, "message": str(error)}
+        os.write(write_end, json.dumps(result).encode())
+        os._exit(0)
+    os.close(write_end)
+    ready, _, _ = select.select([read_end], [], [], timeout_s)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    with os.fdopen(read_end) as pipe:
+        output = pipe.read() if ready else ""
+    os.waitpid(pid, 0)
+    assert output, f"the child did not answer within {timeout_s} s"
+    return json.loads(output)

@@ -9,13 +9,13 @@ import os
 import random
 import re
 import resource
-import select
 import signal
 import sys
 import time
 
 import pytest
 import torch
+from spawn import run_in_child
 
 from batteries import CheckpointManager, load_checkpoint, make_checkpoint
 
@@ -107,29 +107,6 @@ def test_kill_9_at_random_instants(tmp_path):
     assert len(saved) >= 20, "too few saves completed between kills to exercise the loop"
     assert len(phases) > 1, "no kill landed during a write"
     print(f"{kills} kills, {len(saved)} completed saves, temporary files seen after kills: {sorted(phases)}")
-
-
-def run_in_child(fn, timeout_s=60):
-    """Run ``fn`` in a forked child; return the JSON it reports. A child that hangs is killed."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        try:
-            result = fn()
-        except BaseException as error:  # report, never escape the child
-            result = {"error": f"{type(error).__name__}: {error}"}
-        os.write(write_end, json.dumps(result).encode())
-        os._exit(0)
-    os.close(write_end)
-    ready, _, _ = select.select([read_end], [], [], timeout_s)
-    if not ready:
-        os.kill(pid, signal.SIGKILL)
-    with os.fdopen(read_end) as pipe:
-        output = pipe.read() if ready else ""
-    os.waitpid(pid, 0)
-    assert output, f"the child did not answer within {timeout_s} s"
-    return json.loads(output)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE semantics are Linux's")

@@ -5,10 +5,8 @@ import collections
 import enum
 import errno
 import json
-import os
 import pickle
 import resource
-import select
 import signal
 import sys
 from pathlib import Path
@@ -16,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from spawn import run_in_child, run_workers
 from torch import nn
 
 from batteries import (
@@ -341,29 +340,6 @@ def test_torch_save_disk_full_is_an_oserror_naming_the_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def run_in_child(fn, timeout_s=60):
-    """``fn()`` in a forked child (torch is imported already); the JSON it returns."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        try:
-            result = fn()
-        except BaseException as error:  # noqa: BLE001 - reported to the parent
-            result = {"type": type(error).__name__, "errno": getattr(error, "errno", None), "message": str(error)}
-        os.write(write_end, json.dumps(result).encode())
-        os._exit(0)
-    os.close(write_end)
-    ready, _, _ = select.select([read_end], [], [], timeout_s)
-    if not ready:
-        os.kill(pid, signal.SIGKILL)
-    with os.fdopen(read_end) as pipe:
-        output = pipe.read() if ready else ""
-    os.waitpid(pid, 0)
-    assert output, f"the child did not answer within {timeout_s} s"
-    return json.loads(output)
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE semantics are Linux's")
 @pytest.mark.parametrize("writer", ["save_checkpoint", "CheckpointManager"])
 def test_file_size_limit_is_an_oserror_naming_the_file(tmp_path, writer):
@@ -384,7 +360,6 @@ def test_file_size_limit_is_an_oserror_naming_the_file(tmp_path, writer):
 
 
 # ---------------------------------------------------------------- only rank 0 writes (item 17)
-from spawn import run_workers  # noqa: E402
 
 
 def save_on_every_rank(rank, world_size, folder):
