@@ -370,7 +370,7 @@ def test_resume_auto_after_a_branch_never_takes_the_abandoned_runs_step_checkpoi
     result = run([DEVICE, *FAST, "--epochs", "3", "--resume", "auto", "--logdir", logdir])
     assert result.returncode == 0, result.stderr[-2000:]
     log = (logdir / "train.log").read_text()
-    assert log.count("Resumed from") == 2 and "last.pth' (epoch 1 finished); continuing at epoch 2, batch 1" in log
+    assert log.count("Resumed from") == 2 and "last.pth' (epoch 1 finished); continuing at epoch 2, batch 1\n" in log
     assert epochs_recorded(logdir) == [1, 2, 3]
 
 

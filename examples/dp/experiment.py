@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
         if early_stop is not None and early_stop.num_bad_calls > early_stop.patience:  # it had stopped early
             start_epoch, where = args.epochs + 1, "it had stopped early: nothing to continue"
         else:
-            where = f"continuing at epoch {start_epoch}, batch {sampler.samples_consumed // args.batch_size + 1}"
+            batch = sampler.samples_consumed // args.batch_size + 1 if sampler.epoch == start_epoch else 1
+            where = f"continuing at epoch {start_epoch}, batch {batch}"
         logger.info(f"Resumed from '{resume}' (epoch {state['epoch']} finished); {where}")
     tensorboard = TensorboardLogger(args.logdir / "tensorboard", purge_step=start_epoch if resume else None)
 
