@@ -16,6 +16,7 @@ from batteries.log import get_logger
 from batteries.manager import CheckpointManager
 from batteries.meter import AverageMeter, AverageMetter
 from batteries.model import unwrap_model
+from batteries.preemption import StopOnSignal
 from batteries.resume import find_resume_checkpoint, make_training_state, restore_training_state
 from batteries.seed import get_rng_state, seed_all, set_rng_state
 from batteries.tensorboard import TensorboardLogger
@@ -28,6 +29,7 @@ __all__ = [
     "CheckpointManager",
     "EMA",
     "EarlyStopIndicator",
+    "StopOnSignal",
     "TensorboardLogger",
     "average_checkpoints",
     "average_model_state_dicts",

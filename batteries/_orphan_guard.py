@@ -8,6 +8,7 @@ dies: importing this module sets it for the forkserver (whose parent is the trai
 ``data.make_loader``'s worker init for each worker (whose parent is the server), so the whole tree goes.
 """
 
-from batteries.data import die_with_parent
+from batteries.data import die_with_parent, ignore_stop_signals
 
 die_with_parent()  # imported by the forkserver only (its preload list), never by the training process
+ignore_stop_signals()  # Ctrl-C / torchrun's SIGTERM to the group: the server must serve until the run ends

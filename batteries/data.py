@@ -18,7 +18,7 @@ from batteries._checks import check_int
 from batteries._io import pid_alive
 from batteries.seed import seed_all
 
-__all__ = ["make_loader", "die_with_parent"]
+__all__ = ["make_loader", "die_with_parent", "ignore_stop_signals"]
 
 # Modules the forkserver imports once, so that a worker starts in milliseconds instead of
 # importing torch again; _orphan_guard makes the server die with the process that started it.
@@ -49,8 +49,22 @@ def die_with_parent(ancestor_pid: int | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)  # it died before the request was in place
 
 
+def ignore_stop_signals() -> None:
+    """Ignore SIGTERM, SIGINT and SIGUSR1 in this process (a DataLoader worker, a helper process).
+
+    A signal sent to a whole process group (Ctrl-C in a terminal, torchrun's shutdown of its
+    workers) reaches the DataLoader workers too; without this a worker dies and the training
+    process's next batch raises, before :class:`~batteries.StopOnSignal` could save a checkpoint.
+    ``make_loader`` calls it in its forkserver and workers; they die with the training process.
+    """
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def _init_worker(worker_id: int, user_init: Callable[[int], Any] | None, training_pid: int) -> None:
     die_with_parent(training_pid)  # ends with the forkserver, which ends with the training process
+    ignore_stop_signals()  # the training process decides when to stop (StopOnSignal); workers end with it
     if user_init is not None:
         user_init(worker_id)
 
@@ -76,6 +90,9 @@ def make_loader(
       in milliseconds, and on Linux it dies with the process that started it: a run killed with
       ``kill -9`` or SIGTERM leaves no server or worker behind (without this, both stay forever).
       Where there is no forkserver (Windows, macOS' default), the platform's default is used.
+    - Signals: workers ignore SIGTERM, SIGINT and SIGUSR1 (:func:`ignore_stop_signals`), so that
+      Ctrl-C or a launcher's SIGTERM to the process group leaves them running until the training
+      process, which may be finishing a step and saving (:class:`~batteries.StopOnSignal`), ends.
       A ``worker_init_fn`` given in ``kwargs`` replaces ``seed_all`` and still runs in every worker.
 
     Args:

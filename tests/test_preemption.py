@@ -1,0 +1,123 @@
+"""StopOnSignal: a signal becomes a stop request that every rank acts on at the same call."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from spawn import run_in_child, run_workers
+
+from batteries import StopOnSignal
+
+
+def test_a_signal_stops_the_next_call_in_one_process():
+    def child():
+        stop = StopOnSignal()
+        before = [stop() for _ in range(3)]
+        os.kill(os.getpid(), signal.SIGTERM)
+        return {"before": before, "after": [stop(), stop()], "name": stop.signal_name, "code": stop.exit_code}
+
+    assert run_in_child(child) == {"before": [False] * 3, "after": [True, True], "name": "SIGTERM", "code": 143}
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGUSR1"])
+def test_sigint_and_sigusr1_are_requests_too_and_raise_nothing(sig):
+    def child():
+        stop = StopOnSignal()
+        os.kill(os.getpid(), getattr(signal, sig))  # SIGINT would raise KeyboardInterrupt; SIGUSR1 would kill
+        return {"stopped": stop(), "name": stop.signal_name, "code": stop.exit_code}
+
+    expected = {"SIGINT": 130, "SIGUSR1": 138}[sig]
+    assert run_in_child(child) == {"stopped": True, "name": sig, "code": expected}
+
+
+def test_close_restores_the_previous_handlers():
+    def child():
+        def mine(signum, frame):
+            pass
+
+        signal.signal(signal.SIGUSR1, mine)
+        with StopOnSignal():
+            inside = signal.getsignal(signal.SIGUSR1) is not mine
+        return {"inside": inside, "after": signal.getsignal(signal.SIGUSR1) is mine,
+                "sigint": signal.getsignal(signal.SIGINT) is signal.default_int_handler}  # fmt: skip
+
+    assert run_in_child(child) == {"inside": True, "after": True, "sigint": True}
+
+
+SECOND_SIGNAL = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from batteries import StopOnSignal
+    stop = StopOnSignal(repeat_window_s=float(sys.argv[1]))
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGINT)  # the same request delivered twice (the terminal and a launcher)
+    print("still running", stop(), flush=True)
+    time.sleep(float(sys.argv[2]))
+    os.kill(os.getpid(), signal.SIGINT)  # a second request, after the window
+    time.sleep(5)
+    print("not reached", flush=True)
+    """
+)
+
+
+def test_a_repeat_within_the_window_is_the_same_request_and_a_later_one_exits_at_once():
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", SECOND_SIGNAL, "0.2", "0.4"], capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.stdout == "still running True\n"
+    assert result.returncode == -signal.SIGINT  # ended by the signal itself: the shell shows 130
+    assert "Traceback" not in result.stderr and "SIGINT again" in result.stderr
+    assert time.monotonic() - started < 5 + 30  # it did not sleep the 5 s out (startup aside)
+
+
+def test_bad_arguments_are_refused_at_the_call():
+    with pytest.raises(ValueError, match="every"):
+        StopOnSignal(every=0)
+    with pytest.raises(TypeError, match="every"):
+        StopOnSignal(every=True)
+    with pytest.raises(ValueError, match="repeat_window_s"):
+        StopOnSignal(repeat_window_s=-1)
+    with pytest.raises(ValueError, match="signals"):
+        StopOnSignal(signals=["SIGTERM"])
+    with pytest.raises(ValueError, match="signals"):
+        StopOnSignal(signals=[signal.SIGKILL])
+    with pytest.raises(ValueError, match="signals"):
+        StopOnSignal(signals=[])
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # nothing was installed by a refused call
+
+
+def test_built_outside_the_main_thread_is_an_error():
+    errors = []
+    thread = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, StopOnSignal)))
+    thread.start()
+    thread.join()
+    assert "main thread" in str(errors[0].value)
+
+
+def ranks_stop_together(rank, world_size, signal_at, every):
+    """Rank 1 signals itself at call ``signal_at``; returns the call at which this rank stopped."""
+    stop = StopOnSignal(every=every)
+    for call in range(1, 200):
+        if rank == 1 and call == signal_at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.002 * rank)  # rank 1 is slower: the answer must not depend on timing
+        if stop():
+            stop.close()
+            return call, stop.signal_name
+    stop.close()
+    return None, stop.signal_name
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_every_rank_stops_at_the_same_call(every):
+    results = run_workers(ranks_stop_together, 3, 5, every, timeout_s=60)
+    calls = {call for call, _ in results}
+    assert len(calls) == 1, results
+    (call,) = calls
+    assert 5 < call <= 5 + 2 * every  # acted on within two agreements
+    assert [name for _, name in results] == [None, "SIGUSR1", None]  # only rank 1 received it
