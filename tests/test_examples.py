@@ -5,6 +5,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -441,3 +442,71 @@ def test_a_bad_flag_under_torchrun_is_reported_once(tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("error: argument --epochs: invalid int value: 'many'") == 1
     assert not (tmp_path / "run").exists()
+
+
+def assert_same_training(logdir, straight):
+    """The final weights and every recorded score equal the uninterrupted run's, bit for bit."""
+    a = torch.load(straight / "checkpoints" / "last.pth", weights_only=True)
+    b = torch.load(logdir / "checkpoints" / "last.pth", weights_only=True)
+    for key, value in a["model_state_dict"].items():
+        assert torch.equal(value, b["model_state_dict"][key]), key
+    assert epochs_recorded(logdir) == epochs_recorded(straight)
+    values = json.loads((logdir / "checkpoints" / "metrics.json").read_text())["values"]
+    assert values == json.loads((straight / "checkpoints" / "metrics.json").read_text())["values"]
+
+
+STOPPED = re.compile(r"stopped by (SIG\w+) at epoch (\d+), batch (\d+); continue with --resume auto")
+# (signal, to the whole process group as a terminal's Ctrl-C does, the status expected after the stop)
+STOPS = {
+    "device": [(signal.SIGTERM, False, 143), (signal.SIGINT, True, 130), (signal.SIGUSR1, False, 138),
+               (signal.SIGTERM, False, 143), (signal.SIGINT, True, 130)],
+    # SIGTERM to torchrun's agent: it forwards it to its workers, which stop and exit 143; the agent
+    # then re-raises the signal as its own SignalException (a traceback of torchrun's) and exits 1
+    "ddp": [(signal.SIGTERM, False, 1)] * 5,
+}  # fmt: skip
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find a launcher's workers")
+@pytest.mark.parametrize("example", ["device", "ddp"])
+def test_signals_at_random_instants_stop_save_and_resume_bitwise(tmp_path, straight_run, example):
+    """Each run gets a signal at a random instant of its training, stops within 30 s at a step, saves
+    step.pth and says so; the next run resumes (--resume auto); the last run trains to the end. The
+    result equals the uninterrupted run's, bit for bit (dropout, shuffling, augmentation, 2 workers)."""
+    logdir, rng = tmp_path / "run", random.Random(f"{example}-instants")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    stops = 0
+    for sig, to_group, expected in [*STOPS[example], (None, False, 0)]:
+        command = launch(example, "--logdir", logdir, *(["--resume", "auto"] if logdir.exists() else []))
+        with open(tmp_path / "output.txt", "w+") as output:
+            process = subprocess.Popen(list(map(str, [sys.executable, *command])), stdout=output, stderr=output,
+                                       env=env, start_new_session=True)  # fmt: skip
+            try:
+                log = logdir / "train.log"
+                while sig is not None and (log.read_text().count("Data:") if log.exists() else 0) <= stops:
+                    assert process.poll() is None, "the run ended before its training started"
+                    time.sleep(0.02)
+                if sig is not None:  # a random instant of the training (or of loading the checkpoint)
+                    time.sleep(rng.uniform(0.0, 0.8))
+                    helpers = descendants(process.pid)
+                    os.killpg(process.pid, sig) if to_group else process.send_signal(sig)
+                    process.wait(timeout=30)
+                    assert alive(helpers) == []  # workers, forkserver, torchrun's workers: all gone
+                else:
+                    process.wait(timeout=180)
+            finally:
+                kill_tree(process)
+            output.seek(0)
+            text = output.read()
+        if process.returncode == 0:
+            break  # the signal came after the last step: the run was over
+        assert process.returncode == expected, text[-3000:]
+        found = STOPPED.findall(log.read_text())
+        assert len(found) == stops + 1 and found[-1][0] == sig.name, text[-3000:]
+        assert "Traceback" not in text if example == "device" else "[rank" not in text  # no worker traceback
+        _, epoch, batch = found[-1]
+        assert position(logdir / "checkpoints" / "step.pth") == (int(epoch) - 1, int(batch))
+        stops += 1
+    else:
+        assert process.returncode == 0, text[-3000:]
+    assert stops >= 3, "too few signals landed during training"
+    assert_same_training(logdir, straight_run(example))

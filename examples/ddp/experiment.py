@@ -36,6 +36,7 @@ from batteries import (
     AverageMeter,
     CheckpointManager,
     EarlyStopIndicator,
+    StopOnSignal,
     TensorboardLogger,
     find_resume_checkpoint,
     get_logger,
@@ -174,8 +175,8 @@ def get_lr(step: int, total_steps: int, args: argparse.Namespace) -> float:
     return args.lr * 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0)))
 
 
-def train_fn(model, loader, optimizer, scaler, meters, args, step, save_step=None) -> int:
-    """One epoch, or its rest after a mid-epoch resume; returns the number of optimizer steps so far."""
+def train_fn(model, loader, optimizer, scaler, meters, args, step, stop, save_step=None) -> int:
+    """One epoch, or its rest after a mid-epoch resume, or up to a stop request; returns the optimizer steps so far."""
     model.train()
     sampler = loader.sampler
     total_steps = args.epochs * math.ceil(math.ceil(sampler.num_samples / args.batch_size) / args.accum_steps)
@@ -204,6 +205,8 @@ def train_fn(model, loader, optimizer, scaler, meters, args, step, save_step=Non
         step += 1
         if save_step is not None and step % args.save_every_steps == 0:
             save_step(step)
+        if stop():  # a signal (preemption, Ctrl-C) reached any rank: every rank stops after this same step
+            break
     return step
 
 
@@ -238,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "WORLD_SIZE" in os.environ:  # a launcher started this process
         args.device = init_distributed(backend="nccl" if args.device.type == "cuda" else "gloo")
     rank, world_size = get_rank(), get_world_size()
+    stop = StopOnSignal()  # a signal no longer kills the run: it finishes the step, saves, exits 128 + signal
     barrier()  # every rank has read the logdir (parse_args) before rank 0 changes it
     if args.force and rank == 0:
         for path in (args.logdir / name for name in OUTPUTS):
@@ -276,9 +280,10 @@ def main(argv: list[str] | None = None) -> dict:
                                    meters=every_rank, batches_done=batches_done, world_size=world_size,
                                    experiment_args=args, **extra)  # fmt: skip
 
-    def save_step(step: int) -> None:  # mid-epoch, on every rank: resumable, but not an epoch for the N best
+    def save_step(step: int) -> int:  # mid-epoch, on every rank: resumable, not an epoch for the N best; -> batches
         batches_done = sampler.samples_consumed // args.batch_size
         save_checkpoint(training_state(sampler.epoch - 1, step, batches_done), checkpoint_dir, "step.pth")
+        return batches_done
 
     start_epoch, step = 1, 0
     resume, state = find_resume_checkpoint(checkpointer) if args.resume == "auto" else (args.resume, None)
@@ -308,8 +313,12 @@ def main(argv: list[str] | None = None) -> dict:
         if epoch != sampler.epoch:  # a new epoch, not the rest of an interrupted one
             meters.clear()
         sampler.set_epoch(epoch)  # the epoch's shuffle, the same on every rank (an interrupted epoch keeps its count)
-        step = train_fn(ddp_model, train_loader, optimizer, scaler, meters, args, step,
+        step = train_fn(ddp_model, train_loader, optimizer, scaler, meters, args, step, stop,
                         save_step=save_step if args.save_every_steps else None)  # fmt: skip
+        if stop.stopped:  # save where every rank stopped, then exit; --resume auto continues from there
+            batch = save_step(step)
+            logger.info(f"stopped by {stop.signal_name} at epoch {epoch}, batch {batch}; continue with --resume auto")
+            break
         broadcast_buffers(model)  # every rank validates the model rank 0 saves (BatchNorm statistics)
         train = {name: meter.all_reduce().average for name, meter in meters.items()}  # over all ranks
         valid = valid_fn(model, valid_loader, args)
@@ -326,11 +335,14 @@ def main(argv: list[str] | None = None) -> dict:
             logger.info(f"Early stop: no gain in valid {MAIN_METRIC} for {early_stop.num_bad_calls} epochs")
             break
     tensorboard.close()
+    stop.close()
 
     # ------------------------------------------------------------------------- summary
     summary = {}
     best = checkpointer.best
-    if rank == 0 and best is None:
+    if stop.stopped:
+        pass  # no summary: the run is not over, --resume auto continues it
+    elif rank == 0 and best is None:
         logger.error("No finite validation score was recorded; nothing to summarise")
     elif rank == 0:  # a plain single-process evaluation of best.pth on the whole validation set
         best_model = Net().to(args.device)
@@ -352,6 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
     del ddp_model  # DDP holds the process group: let go of it so that cleanup_distributed frees it now
     barrier()
     cleanup_distributed()
+    if stop.stopped:
+        sys.exit(stop.exit_code)
     return summary
 
 

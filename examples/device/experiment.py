@@ -27,6 +27,7 @@ from batteries import (
     AverageMeter,
     CheckpointManager,
     EarlyStopIndicator,
+    StopOnSignal,
     TensorboardLogger,
     find_resume_checkpoint,
     get_logger,
@@ -49,8 +50,7 @@ OUTPUTS = ("checkpoints", "tensorboard", "train.log")
 # ----------------------------------------------------------------------------- arguments
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit code 2, no usage dump
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def bounded(kind: type, low: float, high: float = math.inf, above: bool = False):
@@ -149,8 +149,8 @@ def get_lr(step: int, total_steps: int, args: argparse.Namespace) -> float:
     return args.lr * 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0)))
 
 
-def train_fn(model, loader, optimizer, scaler, meters, args, step, save_step=None) -> int:
-    """One epoch, or its rest after a mid-epoch resume; returns the number of optimizer steps so far."""
+def train_fn(model, loader, optimizer, scaler, meters, args, step, stop, save_step=None) -> int:
+    """One epoch, or its rest after a mid-epoch resume, or up to a stop request; returns the optimizer steps so far."""
     model.train()
     sampler = loader.sampler
     total_steps = args.epochs * math.ceil(math.ceil(sampler.num_samples / args.batch_size) / args.accum_steps)
@@ -177,6 +177,8 @@ def train_fn(model, loader, optimizer, scaler, meters, args, step, save_step=Non
         step += 1
         if save_step is not None and step % args.save_every_steps == 0:
             save_step(step)
+        if stop():  # SIGTERM / SIGINT / SIGUSR1 (preemption, Ctrl-C) arrived: stop after this step
+            break
     return step
 
 
@@ -208,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     logger = get_logger("device-experiment", log_file=args.logdir / "train.log")
     logger.info(f"Arguments: {vars(args)}")
+    stop = StopOnSignal()  # a signal no longer kills the run: it finishes the step, saves, exits 128 + signal
 
     seed_all(args.seed)
     train_dataset, valid_dataset = get_datasets()
@@ -232,9 +235,10 @@ def main(argv: list[str] | None = None) -> dict:
                                    meters={name: meter.state_dict() for name, meter in meters.items()},
                                    batches_done=batches_done, experiment_args=args, **extra)  # fmt: skip
 
-    def save_step(step: int) -> None:  # mid-epoch: resumable, but not an epoch for the N best
+    def save_step(step: int) -> int:  # mid-epoch: resumable, but not an epoch for the N best; returns the batches done
         batches_done = sampler.samples_consumed // args.batch_size
         save_checkpoint(training_state(sampler.epoch - 1, step, batches_done), checkpoint_dir, "step.pth")
+        return batches_done
 
     start_epoch, step = 1, 0
     resume, state = find_resume_checkpoint(checkpointer) if args.resume == "auto" else (args.resume, None)
@@ -258,8 +262,12 @@ def main(argv: list[str] | None = None) -> dict:
         if epoch != sampler.epoch:  # a new epoch, not the rest of an interrupted one
             meters.clear()
         sampler.set_epoch(epoch)  # the epoch's shuffle (an interrupted epoch keeps its count)
-        step = train_fn(model, train_loader, optimizer, scaler, meters, args, step,
+        step = train_fn(model, train_loader, optimizer, scaler, meters, args, step, stop,
                         save_step=save_step if args.save_every_steps else None)  # fmt: skip
+        if stop.stopped:  # save where it stopped and exit; --resume auto continues from there
+            batch = save_step(step)
+            logger.info(f"stopped by {stop.signal_name} at epoch {epoch}, batch {batch}; continue with --resume auto")
+            sys.exit(stop.exit_code)
         train, valid = {name: meter.average for name, meter in meters.items()}, valid_fn(model, valid_loader, args)
         logger.info(f"epoch {epoch}/{args.epochs}: train {line(train)} | valid {line(valid)}")
         tensorboard.add_metric("train", train, epoch)
@@ -276,22 +284,19 @@ def main(argv: list[str] | None = None) -> dict:
     tensorboard.close()
 
     # ------------------------------------------------------------------------- summary
-    best = checkpointer.best
-    if best is None:
+    if (best := checkpointer.best) is None:
         logger.error("No finite validation score was recorded; nothing to summarise")
         return {}
     best_model = Net().to(args.device)
     load_checkpoint(checkpoint_dir / "best.pth", best_model, map_location=args.device, verbose=False)
     reloaded = valid_fn(best_model, valid_loader, args)
-    kept = ", ".join(sorted(path.name for path in checkpoint_dir.iterdir()))
     logger.info("Summary")
     logger.info(f"  best epoch          {best['epoch']} of {args.epochs}")
     logger.info(f"  best valid {MAIN_METRIC:<8} {best[MAIN_METRIC]:.4f} "
                 f"(best.pth re-evaluated: {reloaded[MAIN_METRIC]:.4f})")  # fmt: skip
+    kept = ", ".join(sorted(path.name for path in checkpoint_dir.iterdir()))
     logger.info(f"  checkpoints         {checkpoint_dir}/ ({kept})")
-    logger.info(
-        f"  log and curves      {args.logdir / 'train.log'}, tensorboard --logdir {args.logdir / 'tensorboard'}"
-    )
+    logger.info(f"  log and curves      {args.logdir / 'train.log'}, tensorboard --logdir {args.logdir}/tensorboard")
     logger.info(f"  elapsed             {time.perf_counter() - started:.1f} s")
     return {"best_epoch": best["epoch"], f"best_{MAIN_METRIC}": best[MAIN_METRIC], "reloaded": reloaded}
 
