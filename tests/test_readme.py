@@ -44,3 +44,35 @@ def now_column_names():
 def test_every_batteries_name_it_points_to_exists(name):
     module, _, attribute = name.rpartition(".")
     assert hasattr(importlib.import_module(module), attribute), name
+
+
+def catches(pid, sig):
+    """Whether process ``pid`` has a handler for ``sig`` (Linux: the SigCgt mask of /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return bool(int(re.search(r"SigCgt:\s*([0-9a-f]+)", status).group(1), 16) >> (sig - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_the_preemption_snippet_runs_as_written_and_stops_on_sigterm(tmp_path):
+    """The README's own-loop example: SIGTERM mid-loop saves checkpoints/step.pth and exits 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    code = section("Preemption: SIGTERM, Ctrl-C, SIGUSR1").split("```python\n")[1].split("```")[0]
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not catches(process.pid, signal.SIGTERM):  # StopOnSignal() is in place: the loop is running
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr
+    state = torch.load(tmp_path / "checkpoints" / "step.pth", weights_only=True)
+    assert 1 <= state["step"] < 200_000 and "model_state_dict" in state
