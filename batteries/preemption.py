@@ -86,9 +86,7 @@ class StopOnSignal:
         ...         sys.exit(stop.exit_code)
     """
 
-    def __init__(
-        self, signals: Iterable[int] = STOP_SIGNALS, every: int = 1, repeat_window_s: float = 1.0
-    ) -> None:
+    def __init__(self, signals: Iterable[int] = STOP_SIGNALS, every: int = 1, repeat_window_s: float = 1.0) -> None:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("StopOnSignal must be built in the main thread: only it receives signals in Python")
         self.every = check_int(every, "every", minimum=1)
