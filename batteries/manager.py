@@ -1,4 +1,4 @@
-"""CheckpointManager: keep the N best checkpoints, best.pth / last.pth and a metrics history."""
+"""CheckpointManager: keep the N best checkpoints (files, or sharded DCP folders), best / last and a metrics history."""
 
 from __future__ import annotations
 
@@ -16,16 +16,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from batteries import distributed
+from batteries import _dcp, distributed
 from batteries._async import AsyncWriter
 from batteries._checks import check_bool, check_file_name, check_int
-from batteries._io import TMP_MARK, atomic_link, atomic_write, atomic_write_json, pid_alive, remove_durably
+from batteries._io import (
+    TMP_MARK,
+    atomic_link,
+    atomic_write,
+    atomic_write_json,
+    pid_alive,
+    remove_durably,
+    tmp_path,
+)
 
 __all__ = ["CheckpointManager"]
 
 _LINKS = ("best.pth", "last.pth")
+_SHARDED_LINKS = ("best", "last")
 # the writer's pid and host in a temporary name (_io.tmp_path); names of older versions carry no host
 _TMP_WRITER = re.compile(rf"^\..+{re.escape(TMP_MARK)}(\d+)-[0-9a-f]{{8}}(?:-(.+))?$")
+
+
+def _describe(error: BaseException | None) -> str | None:
+    """An error as one picklable line for the other ranks (None stays None)."""
+    return None if error is None else f"{type(error).__name__}: {error}"
 
 
 def _number(value: Any, where: str) -> float | int | None:
@@ -75,6 +89,29 @@ class CheckpointManager:
     otherwise it is marked lost with a warning (its scores stay in the history, listed under
     ``"lost_epochs"``) and no longer counts as best. Later saves go on either way.
 
+    Sharded checkpoints (``sharded=True``, for FSDP2 and other sharded models): each checkpoint is
+    a ``torch.distributed.checkpoint`` (DCP) folder ``{checkpoint_names}_{epoch}/`` in which every
+    rank writes its own shards, optimizer state included (build it with
+    ``make_training_state(..., sharded=True)``); nothing is gathered to rank 0. Then:
+
+    - :meth:`process` (and :meth:`save`) is a collective: call it on every rank, with the same
+      arguments. Rank 0 chooses a hidden temporary folder name and sends it to the others; every
+      rank writes into it; DCP writes ``.metadata`` once all shards are written (each file
+      fsynced); rank 0 fsyncs the folder and renames it to its numbered name, the commit of the
+      data, then records the epoch in ``metrics_file``, the commit point. Only global rank 0
+      renames, links, writes ``metrics_file`` or deletes. Every rank raises if any rank failed.
+    - ``best`` and ``last`` are relative symbolic links to numbered folders, replaced atomically
+      (a new link under a temporary name, ``os.replace``d over the old one). A link cannot keep a
+      deleted folder's files alive as a file's hard link does, so the newest epoch's folder is
+      kept while it is ``last``, even when its score is not among the N best: the folder then
+      holds up to ``save_n_best + 1`` numbered checkpoints (the extra one goes at the next save).
+    - Deleting a folder renames it to a hidden temporary name first: a ``kill -9`` of any rank at
+      any instant leaves every visible folder complete (an unfinished save is a hidden
+      temporary folder, removed by a later :meth:`process` once its writer is gone).
+    - A recorded epoch whose folder is gone is marked lost (a symbolic link cannot restore it).
+    - ``metrics_file`` has the same layout, with ``"sharded": true``; a manager of the other kind
+      refuses the folder.
+
     Args:
         logdir: folder for the checkpoints; created (on rank 0) if missing.
         checkpoint_names: file name prefix. Default ``"exp"``.
@@ -88,11 +125,20 @@ class CheckpointManager:
             tensors are copied to CPU memory. At most one save is in flight (the next
             :meth:`process` waits for it); its error is raised by the next :meth:`process`,
             :meth:`wait` or :meth:`close`. ``best`` / ``values`` reflect finished saves: call
-            :meth:`wait` before reading them. The crash-safety guarantees are the same. Default False.
+            :meth:`wait` before reading them. The crash-safety guarantees are the same. With
+            ``sharded=True`` it uses ``dcp.async_save`` on a gloo process group of its own (made by
+            the first :meth:`process`, on every rank): ``process`` returns once the shards are
+            copied to CPU memory; rank 0 renames and records the folder only after every rank's
+            files are written. A failure is raised by the next ``process`` on every rank, or by
+            :meth:`wait` / :meth:`close` on the rank where it happened. Default False.
+        sharded: write DCP checkpoint folders (see above) instead of files. ``save_fn`` is not used
+            then. Default False.
 
     Raises:
         TypeError: on an argument of the wrong type.
-        ValueError: on a bad argument value; if ``metrics_file`` cannot be continued (not JSON,
+        ValueError: on a bad argument value (``save_fn`` given with ``sharded=True``); if
+            ``metrics_file`` was written by a manager of the other kind (files / sharded); if
+            ``metrics_file`` cannot be continued (not JSON,
             ``null``, records without an epoch or with non-numeric values, another metric name or
             direction); or if ``logdir`` holds numbered checkpoints but no ``metrics_file``. The
             message names the file and says what to do; nothing is deleted.
@@ -112,21 +158,27 @@ class CheckpointManager:
         save_fn: Callable[[Any, str], Any] = torch.save,
         metrics_file: str = "metrics.json",
         async_save: bool = False,
+        sharded: bool = False,
     ) -> None:
         self.save_n_best = check_int(save_n_best, "save_n_best", minimum=1)
         self.metric_minimization = check_bool(metric_minimization, "metric_minimization")
         self.async_save = check_bool(async_save, "async_save")
+        self.sharded = check_bool(sharded, "sharded")
         if not isinstance(metric, str) or not metric or metric == "epoch":
             raise ValueError(f"metric must be a non-empty str other than 'epoch', got {metric!r}")
         check_file_name(checkpoint_names, "checkpoint_names")
         check_file_name(metrics_file, "metrics_file")
         if not callable(save_fn):
             raise TypeError(f"save_fn must be callable as save_fn(obj, path), got {save_fn!r}")
-        self._pattern = re.compile(rf"^{re.escape(checkpoint_names)}_(\d+)\.pth$")
-        if metrics_file in _LINKS or self._pattern.match(metrics_file):
+        if self.sharded and save_fn is not torch.save:
+            raise ValueError(f"save_fn is not used with sharded=True (DCP writes the shards), got {save_fn!r}")
+        suffix = "" if self.sharded else ".pth"
+        self._links = _SHARDED_LINKS if self.sharded else _LINKS
+        self._pattern = re.compile(rf"^{re.escape(checkpoint_names)}_(\d+){re.escape(suffix)}$")
+        if metrics_file in self._links or self._pattern.match(metrics_file):
             raise ValueError(
                 f"metrics_file must not be a name the manager writes checkpoints to "
-                f"(best.pth, last.pth, {checkpoint_names}_<epoch>.pth), got {metrics_file!r}"
+                f"({', '.join(self._links)}, {checkpoint_names}_<epoch>{suffix}), got {metrics_file!r}"
             )
         self.logdir = Path(logdir)
         self.checkpoint_names = checkpoint_names
@@ -140,6 +192,7 @@ class CheckpointManager:
         self._files: dict[int, list[int]] = {}  # epoch -> [inode, size] of its numbered file, as written
         self._recorded_n_best: int | None = None
         self._extra: dict[str, Any] = {}
+        self._async_group: Any = None  # the gloo group of sharded asynchronous saves, made on first use
         if distributed.is_main_process():
             self.logdir.mkdir(parents=True, exist_ok=True)
         loaded = self._load_history()
@@ -186,12 +239,18 @@ class CheckpointManager:
                     f"{'metric' if key == 'metric_name' else key}={mine!r}; build it with the same value, or "
                     "use another logdir"
                 )
+        if saved.get("sharded", False) is not self.sharded:
+            kinds = {True: "sharded checkpoint folders (sharded=True)", False: "checkpoint files (sharded=False)"}
+            raise ValueError(
+                f"'{self.metrics_file}' is the history of {kinds[saved.get('sharded') is True]}, but this manager "
+                f"was built with sharded={self.sharded}; build it with the same kind, or use another logdir"
+            )
         recorded_n_best = saved.get("save_n_best")
         self._recorded_n_best = recorded_n_best if type(recorded_n_best) is int else None
         self.values, self.lost_epochs = self._checked_history(saved["values"], saved.get("lost_epochs", []))
         files = saved.get("files", {})
         self._files = {int(k): v for k, v in files.items() if k.isdigit()} if isinstance(files, dict) else {}
-        known = {"metric_name", "metric_minimization", "save_n_best", "values", "lost_epochs", "files"}
+        known = {"metric_name", "metric_minimization", "save_n_best", "values", "lost_epochs", "files", "sharded"}
         self._extra = {key: value for key, value in saved.items() if key not in known}
         return True
 
@@ -226,7 +285,7 @@ class CheckpointManager:
         return checked
 
     def _path(self, epoch: int) -> Path:
-        return self.logdir / f"{self.checkpoint_names}_{epoch}.pth"
+        return self.logdir / f"{self.checkpoint_names}_{epoch}{'' if self.sharded else '.pth'}"
 
     def _numbered_files(self) -> list[Path]:
         if not self.logdir.is_dir():
@@ -271,6 +330,7 @@ class CheckpointManager:
                 **self._extra,
                 "metric_name": self.metric,
                 "metric_minimization": self.metric_minimization,
+                **({"sharded": True} if self.sharded else {}),
                 "save_n_best": self.save_n_best,
                 "values": self.values,
                 **extra,
@@ -311,12 +371,17 @@ class CheckpointManager:
     def process(self, score: Any, epoch: int, checkpoint: Mapping[str, Any]) -> Path:
         """Save ``checkpoint`` for ``epoch`` and keep the N best (on global rank 0; a no-op elsewhere).
 
+        With ``sharded=True`` it is a collective instead: call it on every rank with the same
+        ``score`` and ``epoch`` and this rank's ``checkpoint``; every rank writes its shards.
+
         Args:
             score: the value of ``metric`` (a number, NumPy scalar or one-element tensor), or a dict
                 of numbers holding ``metric``; every key of the dict is recorded.
             epoch: epoch number (int >= 0, NumPy integers too), above every epoch recorded so far;
-                names the file ``{checkpoint_names}_{epoch}.pth``.
-            checkpoint: what to save, usually from ``make_checkpoint``.
+                names the file ``{checkpoint_names}_{epoch}.pth`` (the folder
+                ``{checkpoint_names}_{epoch}`` with ``sharded=True``).
+            checkpoint: what to save, usually from ``make_checkpoint`` (``make_training_state(...,
+                sharded=True)`` with ``sharded=True``).
 
         Returns:
             The path of the numbered checkpoint (it may already be deleted again if its score is not
@@ -325,8 +390,11 @@ class CheckpointManager:
         Raises:
             ValueError / TypeError / KeyError: on a bad score or epoch, or an epoch at or below the
                 newest recorded one (call :meth:`rewind` first to go back), before anything is written.
-            ValueError: if ``metrics_file`` was made unusable since the manager was built.
+            ValueError: if ``metrics_file`` was made unusable since the manager was built; with
+                ``sharded=True``, if the optimizer state is keyed by position (not by parameter name).
             OSError: if writing fails; the previous files and history are left as they were.
+            RuntimeError: with ``sharded=True``, on every rank where another rank failed (the message
+                names it), or where DCP failed (``CheckpointException``).
         """
         epoch = check_int(epoch, "epoch", minimum=0)
         record = self._record(score, epoch)
@@ -337,10 +405,26 @@ class CheckpointManager:
                 "restore_training_state(..., manager=manager) rewinds the manager to checkpoint['epoch'] (with "
                 "another numbering it would delete the checkpoint resumed from)"
             )
+        if self.sharded:
+            return self._process_sharded(record, checkpoint)
         if not distributed.is_main_process():
             return self._path(epoch)
         if not self.async_save:
             self._writer.wait()
+        self._check_next(epoch)
+        if self.async_save:  # the snapshot is taken here, in the caller: training may change the tensors right after
+            self._submitted = epoch  # before the job may start (and end, setting it back to None)
+            try:
+                self._writer.submit(checkpoint, lambda data: self._commit_async(record, data))
+            except BaseException:
+                self._submitted = None
+                raise
+        else:
+            self._commit(record, checkpoint)
+        return self._path(epoch)
+
+    def _check_next(self, epoch: int) -> None:
+        """Raise (on rank 0) if ``epoch`` cannot be saved next, against the history on disk."""
         if self._submitted is None and self.metrics_file.exists():
             self._load_history()  # the history on disk is the truth (an interrupted call may have committed)
         if self._recorded_n_best is not None and self._recorded_n_best > self.save_n_best:
@@ -357,16 +441,6 @@ class CheckpointManager:
                 "first, which forgets the later epochs and deletes their files; restore_training_state("
                 "..., manager=manager) does it for you."
             )
-        if self.async_save:  # the snapshot is taken here, in the caller: training may change the tensors right after
-            self._submitted = epoch  # before the job may start (and end, setting it back to None)
-            try:
-                self._writer.submit(checkpoint, lambda data: self._commit_async(record, data))
-            except BaseException:
-                self._submitted = None
-                raise
-        else:
-            self._commit(record, checkpoint)
-        return self._path(epoch)
 
     def _commit_async(self, record: dict[str, Any], checkpoint: Mapping[str, Any]) -> None:
         try:
@@ -441,6 +515,9 @@ class CheckpointManager:
 
     def _tidy(self, warn: bool = True) -> None:
         """Make the folder agree with the committed history: links, the N best, abandoned temporaries."""
+        if self.sharded:
+            self._tidy_sharded(warn)
+            return
         self._restore_or_lose(warn)
         if self.values:
             newest = self._path(self.values[-1]["epoch"])
@@ -461,6 +538,244 @@ class CheckpointManager:
             if match and match[2] in (None, socket.gethostname()) and not pid_alive(int(match[1])):
                 stale.append(entry)
         remove_durably(stale)
+
+    # ----------------------------------------------------------------- sharded (DCP) checkpoints
+    def _process_sharded(self, record: dict[str, Any], checkpoint: Mapping[str, Any]) -> Path:
+        epoch = record["epoch"]
+        tmp = self._begin_sharded(checkpoint, self._path(epoch).name, lambda: self._check_next(epoch))
+        self._write_sharded(checkpoint, tmp, lambda: self._commit_sharded(record, tmp), epoch=epoch)
+        return self._path(epoch)
+
+    def save(self, checkpoint: Mapping[str, Any], name: str = "step") -> Path:
+        """Save a checkpoint outside the history, e.g. a mid-epoch ``step`` checkpoint to resume from.
+
+        It is not numbered, not recorded in ``metrics_file`` and never best; each call replaces the
+        previous checkpoint of that ``name`` atomically. Without ``sharded`` it writes
+        ``{name}.pth`` crash-safely on global rank 0 (a no-op elsewhere), as ``save_checkpoint``
+        does. With ``sharded=True`` it is a collective: every rank writes its shards into a new
+        folder ``{name}.<n>`` (committed as in :meth:`process`), then rank 0 points the relative
+        symbolic link ``{name}`` at it and deletes the older ``{name}.<n>`` folders. With
+        ``async_save=True`` it returns once the checkpoint is copied to CPU memory, as
+        :meth:`process`.
+
+        Args:
+            checkpoint: what to save (``make_training_state(..., sharded=True)`` with ``sharded=True``).
+            name: a plain name, not ``best`` / ``last`` or a name the manager numbers, not ending in
+                ``.<digits>``. Default ``"step"``.
+
+        Returns:
+            The path of the checkpoint: ``{name}.pth``, or the link ``{name}`` with ``sharded=True``.
+
+        Raises:
+            TypeError / ValueError: on a bad ``name``, before anything is written.
+            OSError / RuntimeError: as :meth:`process`; the previous checkpoint of that name stays.
+        """
+        name = check_file_name(name, "name")
+        file_name = name if self.sharded else f"{name}.pth"
+        if (
+            file_name in self._links
+            or file_name == self.metrics_file.name
+            or self._pattern.match(file_name)
+            or re.search(r"\.\d+$", name)
+            or name.startswith(".")
+        ):
+            raise ValueError(
+                f"name must not be a name the manager uses ({', '.join(self._links)}, {self.metrics_file.name}, "
+                f"{self.checkpoint_names}_<epoch>) nor start with '.' or end in '.<digits>', got {name!r}"
+            )
+        path = self.logdir / file_name
+        if not self.sharded:
+            if distributed.is_main_process():
+
+                def write(data: Mapping[str, Any]) -> None:
+                    self.logdir.mkdir(parents=True, exist_ok=True)
+                    atomic_write(path, lambda tmp: self.save_fn(data, str(tmp)))
+
+                if self.async_save:
+                    self._writer.submit(checkpoint, write)
+                else:
+                    self._writer.wait()
+                    write(checkpoint)
+            return path
+        tmp = self._begin_sharded(checkpoint, name, lambda: None)
+        self._write_sharded(checkpoint, tmp, lambda: self._commit_named(name, tmp))
+        return path
+
+    def _begin_sharded(self, checkpoint: Mapping[str, Any], final_name: str, check: Callable[[], None]) -> Path:
+        """Every rank: wait for its own save in flight, check, agree on rank 0's temporary folder name.
+
+        One collective carries every rank's outcome, so that all ranks raise together (a rank that
+        raised alone would leave the others waiting in the next collective).
+        """
+        try:
+            self._writer.wait()
+            pending = None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:  # noqa: BLE001 - exchanged below, then raised
+            pending = _dcp.plain_error(error)
+        mine, proposal = None, None
+        try:
+            _dcp.check_state(checkpoint)
+            if pending is None and distributed.is_main_process():
+                check()
+                self.logdir.mkdir(parents=True, exist_ok=True)
+                proposal = tmp_path(self.logdir / final_name).name  # the writer's pid and host: see _tidy
+        except Exception as error:  # noqa: BLE001 - exchanged below, then raised
+            mine = error
+        history = (self.values, self.lost_epochs) if distributed.is_main_process() else None
+        outcomes = distributed.all_gather((_describe(pending), _describe(mine), proposal, history))
+        if not distributed.is_main_process() and outcomes[0][3] is not None:  # rank 0's, as of its last commit
+            self.values, self.lost_epochs = (list(part) for part in outcomes[0][3])
+        if pending is not None:
+            raise pending
+        if mine is not None:
+            raise mine
+        for rank, (earlier, error, *_) in enumerate(outcomes):
+            if earlier or error:
+                what = f"a previous asynchronous save failed on rank {rank}" if earlier else f"rank {rank} failed"
+                raise RuntimeError(f"CheckpointManager: {what}: {earlier or error}; nothing was saved")
+        return self.logdir / outcomes[0][2]
+
+    def _write_sharded(
+        self, checkpoint: Mapping[str, Any], tmp: Path, commit: Callable[[], None], epoch: int | None = None
+    ) -> None:
+        """Every rank writes its share into ``tmp``; once all are written, rank 0 runs ``commit``."""
+        main = distributed.is_main_process()
+        share = _dcp.rank_share(checkpoint)
+        if self.async_save:
+            if self._async_group is None and distributed.is_initialized():
+                # never the default group: DCP's background collectives would interleave with training's
+                self._async_group = torch.distributed.new_group(backend="gloo")
+            future = _dcp.save(share, tmp, group=self._async_group, asynchronous=True)
+            if main:
+                self._submitted = epoch
+            try:
+                self._writer.submit(None, lambda _: self._finish_sharded(future, tmp, commit if main else None))
+            except BaseException:
+                self._submitted = None
+                raise
+            return
+        try:
+            _dcp.save(share, tmp)  # raises on every rank if any rank failed (DCP gathers the errors)
+        except BaseException:
+            if main:
+                with contextlib.suppress(OSError):
+                    _dcp.remove_temporary(tmp)
+            raise
+        error: BaseException | None = None
+        if main:
+            try:
+                commit()
+            except Exception as caught:  # noqa: BLE001 - exchanged below, then raised
+                error = caught
+        history = (self.values, self.lost_epochs) if main else None
+        outcomes = distributed.all_gather((_describe(error), history))
+        if error is not None:
+            raise error
+        if outcomes[0][0]:
+            raise RuntimeError(f"CheckpointManager: rank 0 failed to commit the checkpoint: {outcomes[0][0]}")
+        if not main and epoch is not None:
+            self.values, self.lost_epochs = (list(part) for part in outcomes[0][1])
+
+    def _finish_sharded(self, future: Any, tmp: Path, commit: Callable[[], None] | None) -> None:
+        """The background job of an asynchronous sharded save: wait for DCP, then commit (rank 0)."""
+        try:
+            try:
+                future.result()
+            except BaseException as error:
+                if commit is not None:
+                    with contextlib.suppress(OSError):
+                        _dcp.remove_temporary(tmp)
+                mapped = _dcp.plain_error(error)
+                if mapped is error:
+                    raise
+                raise mapped from error
+            if commit is not None:
+                commit()
+        finally:
+            self._submitted = None
+
+    def _commit_sharded(self, record: dict[str, Any], tmp: Path) -> None:
+        """Rank 0, once every rank's shards are in ``tmp``: rename it, record the epoch, tidy."""
+        epoch = record["epoch"]
+        path = self._path(epoch)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        if not self._load_history():
+            self._write_metrics()  # before the first numbered folder, as for files (see _commit)
+        committed = False
+        try:
+            newest = max((old["epoch"] for old in self.values), default=-1)
+            for entry in self._numbered_files():  # folders after the history: interrupted saves' (ours was killed)
+                if int(self._pattern.match(entry.name)[1]) > newest:
+                    _dcp.remove_tree(entry)
+            _dcp.commit_folder(tmp, path)
+            self.values = [*self.values, record]
+            self.lost_epochs = [old for old in self.lost_epochs if old != epoch]
+            self._write_metrics()  # the commit point
+            committed = True
+        finally:
+            if not committed:
+                with contextlib.suppress(OSError):
+                    _dcp.remove_temporary(tmp)
+                if not self._recorded_on_disk(epoch):
+                    with contextlib.suppress(OSError):
+                        _dcp.remove_tree(path)  # not recorded: leave no orphan behind
+                with contextlib.suppress(Exception):
+                    self._load_history()
+        self._tidy()
+
+    def _commit_named(self, name: str, tmp: Path) -> None:
+        """Rank 0: make ``tmp`` the folder ``{name}.<n>``, point the link ``{name}`` at it, delete older ones."""
+        pattern = re.compile(rf"^{re.escape(name)}\.(\d+)$")
+        numbers = [int(match[1]) for entry in self.logdir.iterdir() if (match := pattern.match(entry.name))]
+        final = self.logdir / f"{name}.{max(numbers, default=0) + 1}"
+        try:
+            _dcp.commit_folder(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                _dcp.remove_temporary(tmp)
+            raise
+        _dcp.atomic_symlink(final.name, self.logdir / name)
+        for entry in self.logdir.iterdir():
+            if pattern.match(entry.name) and entry.name != final.name:
+                _dcp.remove_tree(entry)
+
+    def _tidy_sharded(self, warn: bool) -> None:
+        """``_tidy`` for folders: lost epochs, the links, the N best (+ last's folder), abandoned temporaries."""
+        newly_lost, expected = [], set(self._kept_epochs())
+        while missing := [epoch for epoch in self._kept_epochs() if not _dcp.is_checkpoint(self._path(epoch))]:
+            self.lost_epochs = sorted({*self.lost_epochs, *missing})
+            newly_lost.extend(missing)
+        if newly_lost:
+            self._write_metrics()
+            newly_lost = [epoch for epoch in newly_lost if epoch in expected]
+            if newly_lost and warn:
+                warnings.warn(
+                    f"checkpoint folders of recorded epochs {newly_lost} are missing from '{self.logdir}': they no "
+                    f"longer count as best (their scores stay in '{self.metrics_file.name}' under 'lost_epochs')",
+                    stacklevel=4,
+                )
+        kept = set(self._kept_epochs())
+        newest = self.values[-1]["epoch"] if self.values else None
+        if newest is not None and _dcp.is_checkpoint(self._path(newest)):
+            kept.add(newest)  # last's folder: a symbolic link cannot keep it alive
+        best = self.best_epoch
+        for link, epoch in (("best", best), ("last", newest if newest in kept else None)):
+            if epoch is not None:
+                _dcp.atomic_symlink(self._path(epoch).name, self.logdir / link)
+            elif (self.logdir / link).is_symlink():
+                _dcp.remove_tree(self.logdir / link)  # it would point at a folder deleted below (or none)
+        recorded = {record["epoch"] for record in self.values}
+        newest_recorded = max(recorded, default=-1)
+        for entry in self._numbered_files():
+            epoch = int(self._pattern.match(entry.name)[1])
+            if epoch not in kept and (epoch in recorded or epoch > newest_recorded):
+                _dcp.remove_tree(entry)
+        for entry in self.logdir.iterdir():
+            match = _TMP_WRITER.match(entry.name)  # a temporary file or folder whose writer, on this host, is gone
+            if match and match[2] in (None, socket.gethostname()) and not pid_alive(int(match[1])):
+                _dcp.remove_temporary(entry)
 
     def wait(self) -> None:
         """Block until the asynchronous save in flight (if any) is written; re-raise its error."""

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from batteries import distributed
-from batteries._checks import check_file_name, check_int, check_number
+from batteries import _dcp, distributed
+from batteries._checks import check_bool, check_file_name, check_int, check_number
 from batteries.checkpoint import load_checkpoint, load_states, make_checkpoint, state_parts
 from batteries.seed import check_rng_state, get_rng_state, set_rng_state
 
@@ -76,6 +76,7 @@ def make_training_state(
     rng_timeout: float = 60.0,
     stage: Any = "train",
     metrics: Mapping[str, Any] | None = None,
+    sharded: bool = False,
     **extra: Any,
 ) -> dict[str, Any]:
     """Everything a resume needs, in one checkpoint dict that loads with ``weights_only=True``.
@@ -109,6 +110,12 @@ def make_training_state(
         rng_timeout: seconds rank 0 waits for the other ranks' RNG states. Default 60.
         stage: stage name. Default ``"train"``.
         metrics: optional metrics dict; left out when None.
+        sharded: for a sharded checkpoint (``CheckpointManager(..., sharded=True)``, FSDP2):
+            ``model_state_dict`` and ``optimizer_state_dict`` come from
+            ``torch.distributed.checkpoint.state_dict.get_state_dict``, keyed by parameter name
+            (not by position), with this rank's DTensor shards under FSDP2 (nothing is gathered),
+            so that a resume with another number of processes can reshard them. The dict is then
+            for ``torch.distributed.checkpoint``, not ``torch.save``. Default False.
         **extra: more entries (made safe as in :func:`make_checkpoint`).
 
     Returns:
@@ -122,6 +129,9 @@ def make_training_state(
     """
     step = check_int(step, "step", minimum=0)
     rng_timeout = check_number(rng_timeout, "rng_timeout", minimum=0.0)
+    sharded = check_bool(sharded, "sharded")
+    if sharded and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if rng_states is None:
         rng_states = _gather_rng_states(rng_timeout)
     else:
@@ -136,11 +146,11 @@ def make_training_state(
                 stacklevel=2,
             )
     parts = {"scaler_state_dict": scaler, "ema_state_dict": ema, "early_stop_state_dict": early_stop}
-    return make_checkpoint(
+    checkpoint = make_checkpoint(
         stage,
         epoch,
-        model,
-        optimizer,
+        nn.Module() if sharded else model,  # sharded: the states come from get_state_dict below
+        None if sharded else optimizer,
         scheduler,
         metrics,
         step=step,
@@ -148,6 +158,9 @@ def make_training_state(
         rng_states=rng_states,
         **extra,
     )
+    if sharded:
+        checkpoint.update(_dcp.model_and_optimizer_states(model, optimizer))
+    return checkpoint
 
 
 def restore_training_state(
@@ -174,8 +187,16 @@ def restore_training_state(
     size they cannot match and a warning says so. A ``manager`` is rewound to the checkpoint's
     epoch (records of later epochs, from the run that is being replaced, are forgotten).
 
+    A sharded checkpoint (a ``torch.distributed.checkpoint`` folder, or a link to one, written by
+    ``CheckpointManager(..., sharded=True)``) is loaded in place: each rank reads the shards of its
+    own part of the model and optimizer (``set_state_dict``; DCP reshards, so the folder may come
+    from another number of processes), with nothing gathered. Call it on every rank then; it runs
+    no collective of its own. Its other entries are read with ``weights_only=True``;
+    ``map_location`` does not apply (each shard loads onto its parameter's device).
+
     Args:
-        checkpoint: the dict :func:`load_checkpoint` returned, or a path to load (``weights_only=True``).
+        checkpoint: the dict :func:`load_checkpoint` returned, or a path to load (``weights_only=True``),
+            or a sharded checkpoint folder.
         model, optimizer, scheduler, scaler, ema, early_stop: components to restore; None skips.
         manager: a ``CheckpointManager`` to rewind; None skips.
         restore_rng: restore the RNG states. Default True.
@@ -183,18 +204,29 @@ def restore_training_state(
         strict: passed to ``model.load_state_dict``. Default True.
 
     Returns:
-        The checkpoint dict (``epoch``, ``step`` and extras are read from it).
+        The checkpoint dict (``epoch``, ``step`` and extras are read from it); for a sharded
+        checkpoint, without ``model_state_dict`` / ``optimizer_state_dict`` (they went into place).
 
     Raises:
         KeyError: naming every part asked for that the checkpoint lacks (nothing is restored).
-        RuntimeError: if a state does not fit its component (nothing is restored).
+        RuntimeError: if a state does not fit its component (nothing is restored); for a sharded
+            checkpoint also if a file cannot be read or ``.metadata`` holds other objects.
         FileNotFoundError / IsADirectoryError / ValueError / RuntimeError / pickle.UnpicklingError:
             as :func:`load_checkpoint`.
     """
     source: Any = "<checkpoint dict>"
+    sharded = None  # (folder, metadata) of a sharded checkpoint
     if not isinstance(checkpoint, Mapping):
         source = f"'{checkpoint}'"
-        checkpoint = load_checkpoint(checkpoint, map_location=map_location, verbose=False)
+        if _dcp.is_checkpoint(checkpoint):
+            folder = Path(checkpoint)
+            metadata = _dcp.read_metadata(folder)
+            sharded = (folder, metadata)
+            checkpoint = _dcp.load_entries(folder, metadata)
+            present = _dcp.top_level_keys(metadata)
+            checkpoint.update({part: {} for part in _dcp.PARTS if part in present})  # loaded in place below
+        else:
+            checkpoint = load_checkpoint(checkpoint, map_location=map_location, verbose=False)
     components = {
         "model": model,
         "optimizer": optimizer,
@@ -203,7 +235,12 @@ def restore_training_state(
         "ema": ema,
         "early_stop": early_stop,
     }
+    if sharded is not None:  # the model and optimizer load in place: not through state_parts
+        in_place = {"model": components.pop("model"), "optimizer": components.pop("optimizer")}
     parts, missing = state_parts(checkpoint, components, source)
+    if sharded is not None:
+        missing = [f"{name}_state_dict" for name, part in in_place.items() if part is not None and
+                   f"{name}_state_dict" not in checkpoint] + missing  # fmt: skip
     if restore_rng and not checkpoint.get("rng_states"):
         missing.append("rng_states")
     if manager is not None and "epoch" not in checkpoint:
@@ -231,7 +268,13 @@ def restore_training_state(
             )
     if manager is not None:  # before anything is restored: a rewind that would fail fails now
         manager._ready_to_rewind(checkpoint["epoch"])
+    apply_in_place = None
+    if sharded is not None:  # read into copies first: a misfit or unreadable shard changes nothing
+        apply_in_place = _dcp.prepare_load(*sharded, in_place["model"], in_place["optimizer"], strict, source)
+        checkpoint = {key: value for key, value in checkpoint.items() if key not in _dcp.PARTS}
     load_states(parts, source, strict)
+    if apply_in_place is not None:
+        apply_in_place()
     if rng_state is not None:
         set_rng_state(rng_state)  # checked above: changes every RNG or none
     if manager is not None:
@@ -240,7 +283,7 @@ def restore_training_state(
 
 
 def find_resume_checkpoint(
-    manager: Any, names: Sequence[str] = ("step.pth", "last.pth")
+    manager: Any, names: Sequence[str] | None = None, *, world_size: int | None = None
 ) -> tuple[Path | None, dict[str, Any] | None]:
     """The checkpoint beside ``manager``'s history that continues it, loaded, for ``--resume auto``.
 
@@ -253,26 +296,58 @@ def find_resume_checkpoint(
     continue the history, the one with the most optimizer steps (``step``) wins. Without any
     history, only a checkpoint of epoch 0 (saved during the first epoch) continues it.
 
+    For a sharded manager (``CheckpointManager(..., sharded=True)``) the candidates are the
+    checkpoint folders ``step`` and ``last``; only their ``epoch``, ``step`` and ``rng_states``
+    are read (on this rank, no collective), and the second item returned is None: a sharded
+    checkpoint loads in place, with ``restore_training_state(path, model, ...)``.
+
     Args:
         manager: the run's :class:`~batteries.CheckpointManager` (its ``logdir`` holds the candidates).
-        names: file names to consider inside ``manager.logdir``. Default ``("step.pth", "last.pth")``.
+        names: names to consider inside ``manager.logdir``. Default ``("step.pth", "last.pth")``, or
+            ``("step", "last")`` for a sharded manager.
+        world_size: the number of processes that will continue the run, or None. When given, a
+            candidate saved by another number of processes (the length of its ``rng_states``) is
+            taken only if it is the manager's ``last`` (``last.pth``): an epoch's end, which any
+            number of processes can continue, where a mid-epoch position cannot be split over
+            another number of ranks. A candidate so skipped is named in a warning. Default None.
 
     Returns:
-        ``(path, checkpoint)`` of the one to resume from, or ``(None, None)`` when none continues
-        the history.
+        ``(path, checkpoint)`` of the one to resume from (``(path, None)`` for a sharded manager),
+        or ``(None, None)`` when none continues the history.
 
     Raises:
+        TypeError / ValueError: if ``world_size`` is not an int >= 1.
         RuntimeError / pickle.UnpicklingError: as :func:`load_checkpoint`, for a candidate that
             cannot be read.
     """
+    sharded = getattr(manager, "sharded", False) is True
+    if names is None:
+        names = ("step", "last") if sharded else ("step.pth", "last.pth")
+    if world_size is not None:
+        world_size = check_int(world_size, "world_size", minimum=1)
+    last = "last" if sharded else "last.pth"
     newest = max((record["epoch"] for record in manager.values), default=0)
     found = []
     for order, name in enumerate(names):
         path = Path(manager.logdir) / check_file_name(name, "names")
-        if path.is_file():
+        if sharded and _dcp.is_checkpoint(path):
+            checkpoint = _dcp.load_entries(path, keys={"epoch", "step", "rng_states"})
+        elif not sharded and path.is_file():
             checkpoint = load_checkpoint(path, verbose=False)
-            if checkpoint.get("epoch") == newest:
-                found.append((checkpoint.get("step", 0), -order, path, checkpoint))
+        else:
+            continue
+        if checkpoint.get("epoch") != newest:
+            continue
+        saved_by = len(checkpoint.get("rng_states") or ())
+        if world_size is not None and saved_by != world_size and name != last:
+            warnings.warn(
+                f"'{path}' was saved by {saved_by} process(es) and {world_size} resume: a mid-epoch position "
+                f"cannot be split over another number of processes, so it is skipped (the epoch's end, {last}, "
+                "can be continued)",
+                stacklevel=2,
+            )
+            continue
+        found.append((checkpoint.get("step", 0), -order, path, None if sharded else checkpoint))
     if not found:
         return None, None
     *_, path, checkpoint = max(found, key=lambda item: item[:2])

@@ -1,0 +1,479 @@
+"""Sharded checkpoints through ``torch.distributed.checkpoint`` (DCP): write, read safely, load in place.
+
+A sharded checkpoint is a folder: one ``__<rank>_0.distcp`` file per rank that holds tensors (each
+rank its own shards) and DCP's ``.metadata``. The state written is the dict of
+``make_training_state(..., sharded=True)``: ``model_state_dict`` and ``optimizer_state_dict``
+keyed by parameter names (DTensor shards under FSDP2, whole tensors in one process), which every
+rank writes, and the other entries (epoch, step, RNG states, ...), which global rank 0 writes.
+
+Reading is hardened where DCP trusts its files: ``.metadata`` is unpickled with an allowlist of
+DCP's own classes, and the non-tensor items are read with ``torch.load(weights_only=True)`` (DCP
+itself uses ``weights_only=False``). Reads never run a collective (``no_dist``): each rank reads
+the pieces it needs, so a read on one rank alone cannot hang.
+
+``torch.distributed.checkpoint`` costs about a second to import: it is imported on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+import shutil
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from batteries import distributed
+from batteries._io import fsync_dir, tmp_path
+
+METADATA = ".metadata"
+MODEL, OPTIMIZER = "model_state_dict", "optimizer_state_dict"
+PARTS = (MODEL, OPTIMIZER)  # the entries every rank writes and loads in place
+
+
+# ----------------------------------------------------------------------------- folders
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is (or links to) a complete DCP checkpoint folder."""
+    path = Path(path)
+    return path.is_dir() and (path / METADATA).is_file()
+
+
+def remove_tree(path: Path) -> None:
+    """Delete the folder (or file, or link) ``path`` so that no half-deleted folder is ever visible.
+
+    A folder is first renamed to a hidden temporary name of this process (``_io.tmp_path``) and the
+    parent fsynced, then deleted: a crash in between leaves a hidden folder of a dead process,
+    which a later repair removes. A missing ``path`` is fine.
+    """
+    if path.is_symlink() or path.is_file():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        fsync_dir(path.parent)
+        return
+    if not path.exists():
+        return
+    away = tmp_path(path)
+    os.rename(path, away)
+    fsync_dir(path.parent)
+    shutil.rmtree(away, ignore_errors=True)
+    fsync_dir(path.parent)
+
+
+def remove_temporary(path: Path) -> None:
+    """Delete an abandoned temporary file or folder (already hidden): no rename first."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    fsync_dir(path.parent)
+
+
+def atomic_symlink(target_name: str, link: Path) -> None:
+    """Point the symbolic link ``link`` at ``target_name`` (relative, in the same folder), atomically.
+
+    The new link is made under a temporary name and ``os.replace``d over the old one, then the
+    folder is fsynced: at any instant ``link`` is the old link or the new one.
+    """
+    if link.is_symlink() and os.readlink(link) == target_name:
+        return
+    tmp = tmp_path(link)
+    os.symlink(target_name, tmp)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    fsync_dir(link.parent)
+
+
+def commit_folder(tmp: Path, final: Path) -> None:
+    """Make the complete checkpoint folder ``tmp`` visible as ``final`` (which must not exist)."""
+    fsync_dir(tmp)  # the entries of every rank's files (each rank fsynced its own file's data)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+
+
+# ----------------------------------------------------------------------------- states
+def _plain(value: Any, where: str) -> Any:
+    """A state dict from ``get_state_dict`` with its non-tensor leaves made safe to load (tensors kept)."""
+    from batteries.checkpoint import _safe
+
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, Mapping):
+        return {key: _plain(item, f"{where}[{key!r}]") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(item, f"{where}[{index}]") for index, item in enumerate(value)]
+        return tuple(items) if isinstance(value, tuple) else items
+    return _safe(value, where, state=True)
+
+
+def model_and_optimizer_states(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """``{"model_state_dict", "optimizer_state_dict"}`` keyed by parameter names, from ``get_state_dict``.
+
+    Under FSDP2 the tensors are this rank's DTensor shards (nothing is gathered); for a plain or
+    DDP-wrapped model they are whole tensors. The optimizer state is keyed by parameter names,
+    not by position, so that DCP can reshard it for another number of processes.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {MODEL: _plain(get_model_state_dict(model), MODEL)}
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {MODEL: _plain(model_state, MODEL), OPTIMIZER: _plain(optimizer_state, OPTIMIZER)}
+
+
+def check_state(checkpoint: Any) -> None:
+    """Raise if ``checkpoint`` cannot be written as a sharded checkpoint (before any rank writes).
+
+    Raises:
+        TypeError: if it is not a dict.
+        ValueError: if its optimizer state is keyed by position (``optimizer.state_dict()``), which
+            DCP cannot reshard.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(f"checkpoint must be a dict, got {type(checkpoint).__name__}")
+    optimizer_state = checkpoint.get(OPTIMIZER)
+    state = optimizer_state.get("state") if isinstance(optimizer_state, Mapping) else None
+    if isinstance(state, Mapping) and any(not isinstance(key, str) for key in state):
+        raise ValueError(
+            "checkpoint['optimizer_state_dict'] is keyed by parameter position (optimizer.state_dict()), which a "
+            "sharded checkpoint cannot reshard; build the checkpoint with make_training_state(..., sharded=True) "
+            "(it uses torch.distributed.checkpoint.state_dict.get_state_dict)"
+        )
+
+
+def rank_share(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """What this rank writes: everything on global rank 0; the model and optimizer states elsewhere.
+
+    The other entries may differ between ranks (the RNG states gathered on rank 0 only): DCP would
+    keep one rank's copy, so only rank 0 gives them. Replicated tensors (BatchNorm buffers under
+    FSDP2) are kept from the lowest rank too (see :func:`save`).
+    """
+    if distributed.get_rank() == 0:
+        return {key: value if key in PARTS else _encode_empty(value) for key, value in checkpoint.items()}
+    return {key: value for key, value in checkpoint.items() if key in PARTS}
+
+
+# DCP flattens nested dicts into their leaves, so an empty dict (a disabled GradScaler's state) would
+# vanish: it is written as this marker and read back as {}
+_EMPTY_DICT = ("batteries: an empty dict",)
+
+
+def _encode_empty(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _encode_empty(item) for key, item in value.items()} if value else _EMPTY_DICT
+    if isinstance(value, list):
+        return [_encode_empty(item) for item in value]
+    return value
+
+
+def _decode_empty(value: Any) -> Any:
+    if isinstance(value, tuple) and value == _EMPTY_DICT:
+        return {}
+    if isinstance(value, Mapping):
+        return {key: _decode_empty(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_decode_empty(item) for item in value]
+    return value
+
+
+def save(state: Mapping[str, Any], folder: Path, *, group: Any = None, asynchronous: bool = False) -> Any:
+    """Write ``state`` (this rank's share) into ``folder`` with DCP: a collective on every rank.
+
+    Args:
+        state: this rank's share (:func:`rank_share`).
+        folder: the (temporary) checkpoint folder; created if missing.
+        group: process group of DCP's collectives; None for the default one.
+        asynchronous: ``dcp.async_save``: the state is copied to CPU memory here, the files are
+            written on a background thread; returns its future.
+
+    Returns:
+        None, or with ``asynchronous`` a ``concurrent.futures.Future``.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
+
+    no_dist = not distributed.is_initialized()
+    writer = FileSystemWriter(str(folder), sync_files=True)
+    planner = DefaultSavePlanner(dedup_save_to_lowest_rank=True)  # replicated tensors: rank 0's copy
+    with _quiet(), _plain_errors():
+        if asynchronous:
+            return dcp.async_save(
+                dict(state), storage_writer=writer, planner=planner, process_group=group, no_dist=no_dist
+            )
+        dcp.save(dict(state), storage_writer=writer, planner=planner, process_group=group, no_dist=no_dist)
+    return None
+
+
+def plain_error(error: BaseException) -> BaseException:
+    """The error a DCP ``CheckpointException`` wraps: this rank's own, else a ``RuntimeError`` naming the ranks.
+
+    ``CheckpointException`` derives from ``BaseException``, which ``except Exception`` does not
+    catch; DCP raises it on every rank when any rank failed. Any other error is returned as is.
+    """
+    failures = getattr(error, "failures", None)
+    if type(error).__name__ != "CheckpointException" or not isinstance(failures, dict) or not failures:
+        return error
+    own = failures.get(distributed.get_rank())
+    if own is not None:
+        return own[0] if isinstance(own, tuple) else own
+    rank, first = min(failures.items(), key=lambda item: item[0])
+    first = first[0] if isinstance(first, tuple) else first
+    return RuntimeError(
+        f"the sharded checkpoint failed on rank(s) {sorted(failures)}; rank {rank}: {type(first).__name__}: {first}"
+    )
+
+
+@contextlib.contextmanager
+def _plain_errors() -> Iterator[None]:
+    try:
+        yield
+    except BaseException as error:
+        mapped = plain_error(error)
+        if mapped is error:
+            raise
+        raise mapped from error
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence DCP's warning that it works in one process (asked for: ``no_dist``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+# ----------------------------------------------------------------------------- reading
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` and nothing else: DCP's own classes, torch dtypes / sizes, paths."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"):
+            found = super().find_class(module, name)
+            if isinstance(found, type):
+                return found
+        elif module == "torch.serialization" and name == "_get_layout":
+            return super().find_class(module, name)
+        elif module == "torch":
+            found = getattr(torch, name, None)
+            if isinstance(found, (torch.dtype, torch.layout, torch.memory_format)) or found is torch.Size:
+                return found
+        elif module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
+            return super().find_class(module, name)
+        elif module == "collections" and name == "OrderedDict":
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a DCP metadata file")
+
+
+def _reader(folder: Path) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            metadata = read_metadata(folder)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(folder))
+
+
+def read_metadata(folder: str | os.PathLike) -> Any:
+    """DCP's ``Metadata`` of the checkpoint ``folder``, unpickled with an allowlist.
+
+    Raises:
+        FileNotFoundError: if ``folder`` holds no ``.metadata`` (not a complete DCP checkpoint).
+        RuntimeError: if ``.metadata`` is truncated, corrupt or holds other objects.
+    """
+    path = Path(folder) / METADATA
+    if not path.is_file():
+        raise FileNotFoundError(f"'{folder}' is not a complete sharded (DCP) checkpoint: it has no {METADATA} file")
+    try:
+        with open(path, "rb") as file:
+            metadata = _MetadataUnpickler(file).load()
+    except Exception as error:
+        raise RuntimeError(
+            f"the sharded checkpoint's '{path}' is truncated, corrupt or not DCP metadata: {error}"
+        ) from error
+    if not hasattr(metadata, "state_dict_metadata"):
+        raise RuntimeError(f"'{path}' holds a {type(metadata).__name__}, not DCP metadata")
+    return metadata
+
+
+def _planner(flatten: bool) -> Any:
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        """DCP's planner with non-tensor items read by ``torch.load(weights_only=True)``."""
+
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:  # the dict given (self.state_dict may be a copy of it)
+                self.original_state_dict[read_item.dest_index.fqn] = obj
+
+    return SafeLoadPlanner(flatten_state_dict=flatten)
+
+
+def _load(folder: Path, state: dict[str, Any], flatten: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with _quiet(), _plain_errors():
+        dcp.load(state, storage_reader=_reader(folder), planner=_planner(flatten), no_dist=True)
+
+
+def top_level_keys(metadata: Any) -> set[str]:
+    """The checkpoint's entries (``epoch``, ``model_state_dict``, ...), from the metadata."""
+    planner_data = metadata.planner_data or {}
+    return {str(planner_data.get(key, (key,))[0]) for key in metadata.state_dict_metadata}
+
+
+def load_entries(folder: str | os.PathLike, metadata: Any = None, keys: set[str] | None = None) -> dict[str, Any]:
+    """The checkpoint's entries other than the model and optimizer states, on this rank alone.
+
+    Args:
+        folder: the checkpoint folder.
+        metadata: its :func:`read_metadata`, if already read.
+        keys: only these top-level entries (e.g. ``{"epoch", "step"}``); None for all but
+            ``model_state_dict`` / ``optimizer_state_dict``.
+
+    Returns:
+        The entries, nested as saved (tuples of tensors come back as lists).
+
+    Raises:
+        FileNotFoundError / RuntimeError: as :func:`read_metadata`, or for a file that cannot be read.
+    """
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    folder = Path(folder)
+    metadata = read_metadata(folder) if metadata is None else metadata
+    planner_data = metadata.planner_data or {}
+    flat: dict[str, Any] = {}
+    for key, item in metadata.state_dict_metadata.items():
+        top = str(planner_data.get(key, (key,))[0])
+        if top in PARTS if keys is None else top not in keys:
+            continue
+        is_tensor = isinstance(item, TensorStorageMetadata)
+        flat[key] = torch.empty(item.size, dtype=item.properties.dtype) if is_tensor else None
+    if not flat:
+        return {}
+    try:
+        _load(folder, flat, flatten=False)
+    except Exception as error:
+        raise RuntimeError(f"sharded checkpoint '{folder}' cannot be read: {type(error).__name__}: {error}") from error
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        set_element(nested, planner_data.get(key, (key,)), value)
+    return _decode_empty(nested)
+
+
+# ----------------------------------------------------------------------------- loading in place
+def _global_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    return tuple(tensor.shape)  # a DTensor's shape is the global one
+
+
+def prepare_load(
+    folder: Path,
+    metadata: Any,
+    model: nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
+    strict: bool,
+    source: str,
+) -> Any:
+    """Read the model / optimizer states for ``model`` / ``optimizer`` from ``folder`` without changing them.
+
+    The states are read into copies of this rank's current shards (DCP reshards: the folder may
+    come from any number of processes); nothing is gathered. Returns a function that loads them
+    (``set_state_dict``), or None when neither is given.
+
+    Raises:
+        RuntimeError: naming the part, if the saved states do not fit (other names, other shapes,
+            another optimizer class) or a file cannot be read; nothing is changed then.
+    """
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+    if model is None and optimizer is None:
+        return None
+    if model is None:
+        raise ValueError("restoring an optimizer from a sharded checkpoint needs its model (states are keyed by name)")
+    had_state = optimizer is not None and bool(optimizer.state)
+    try:
+        current = model_and_optimizer_states(model, optimizer)  # get_state_dict may initialise an empty optimizer state
+        target = {key: _copy_tensors(value) for key, value in current.items()}
+        flat, _ = flatten_state_dict(target)
+        saved = metadata.state_dict_metadata
+        for part in target:
+            wanted = {key for key in flat if key.startswith(f"{part}.")}
+            present = {key for key in saved if key.startswith(f"{part}.")}
+            missing, unexpected = sorted(wanted - present), sorted(present - wanted)
+            if missing or (unexpected and (strict or part == OPTIMIZER)):
+                raise RuntimeError(
+                    f"the {part.removesuffix('_state_dict')} state in {source} does not fit the "
+                    f"{type(model if part == MODEL else optimizer).__name__} given: "
+                    + "; ".join(
+                        f"{what} {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
+                        for what, keys in (("missing", missing), ("unexpected", unexpected))
+                        if keys
+                    )
+                    + ". Nothing was restored."
+                )
+            for key in wanted:
+                value, item = flat[key], saved[key]
+                if isinstance(value, torch.Tensor) != isinstance(item, TensorStorageMetadata) or (
+                    isinstance(value, torch.Tensor) and _global_shape(value) != tuple(item.size)
+                ):
+                    shown = tuple(item.size) if isinstance(item, TensorStorageMetadata) else "a non-tensor"
+                    mine = _global_shape(value) if isinstance(value, torch.Tensor) else "a non-tensor"
+                    raise RuntimeError(
+                        f"the {part.removesuffix('_state_dict')} state in {source} does not fit: {key!r} is "
+                        f"{shown} in the checkpoint, {mine} here. Nothing was restored."
+                    )
+        try:
+            _load(folder, target, flatten=True)
+        except Exception as error:
+            raise RuntimeError(
+                f"sharded checkpoint {source} cannot be read: {type(error).__name__}: {error}. Nothing was restored."
+            ) from error
+    except BaseException:
+        if optimizer is not None and not had_state:
+            optimizer.state.clear()  # as it was: get_state_dict filled it with zeros
+        raise
+    options = StateDictOptions(strict=strict)
+
+    def apply() -> None:
+        if optimizer is None:
+            set_model_state_dict(model, target[MODEL], options=options)
+        else:
+            set_state_dict(
+                model, optimizer, model_state_dict=target[MODEL], optim_state_dict=target[OPTIMIZER], options=options
+            )
+
+    return apply
+
+
+def _copy_tensors(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, Mapping):
+        return {key: _copy_tensors(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy_tensors(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_copy_tensors(item) for item in value)
+    return value

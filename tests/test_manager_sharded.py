@@ -1,0 +1,456 @@
+"""CheckpointManager(sharded=True): DCP checkpoint folders under faults, kills, a second manager, hand
+deletions and asynchronous errors. Most tests run in one process (DCP without a process group); the
+multi-rank ones run 2 gloo processes with FSDP2."""
+
+import datetime
+import json
+import multiprocessing as mp
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from spawn import free_port
+from torch import nn
+
+from batteries import CheckpointManager, _dcp, find_resume_checkpoint, make_training_state, restore_training_state
+
+
+def build():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    return model, optimizer
+
+
+MODEL, OPTIMIZER = build()
+
+
+def train_step(model, optimizer):
+    model(torch.randn(6, 4)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+train_step(MODEL, OPTIMIZER)
+
+
+_STATES = {}
+
+
+def state(epoch, model=MODEL, optimizer=OPTIMIZER, step=None):
+    step = epoch if step is None else step
+    if model is not MODEL:
+        return make_training_state(model, epoch=epoch, step=step, optimizer=optimizer, sharded=True)
+    if (epoch, step) not in _STATES:  # MODEL does not change: its states are built once
+        _STATES[epoch, step] = make_training_state(model, epoch=epoch, step=step, optimizer=optimizer, sharded=True)
+    return _STATES[epoch, step]
+
+
+def loaded_epoch(path):
+    """Read every entry of the checkpoint ``path``, every tensor whole (all shards); its epoch."""
+    metadata = _dcp.read_metadata(path)
+    return _dcp.load_entries(path, metadata, keys=_dcp.top_level_keys(metadata))["epoch"]
+
+
+def visible(folder):
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def assert_every_visible_checkpoint_loads(folder):
+    for name in visible(folder):
+        if name != "metrics.json":
+            loaded_epoch(folder / name)  # a dangling link or a partial folder raises
+
+
+def recorded(folder):
+    return [record["epoch"] for record in json.loads((folder / "metrics.json").read_text())["values"]]
+
+
+def filled(folder, scores, n_best=2, **kwargs):
+    manager = CheckpointManager(folder, save_n_best=n_best, sharded=True, **kwargs)
+    for epoch, score in enumerate(scores, start=1):
+        manager.process(score=score, epoch=epoch, checkpoint=state(epoch))
+    return manager
+
+
+# ------------------------------------------------------------------ layout, history, links
+def test_folders_links_and_metrics_are_those_of_files(tmp_path):
+    scores = [3.0, 1.0, 2.0, 0.5, 4.0]
+    sharded = filled(tmp_path / "sharded", scores)
+    files = CheckpointManager(tmp_path / "files", save_n_best=2)
+    for epoch, score in enumerate(scores, start=1):
+        files.process(score, epoch, {"epoch": epoch})
+    folder = tmp_path / "sharded"
+    # the 2 best (4, 2) and the newest while it is last (5, not among the best)
+    assert visible(folder) == ["best", "exp_2", "exp_4", "exp_5", "last", "metrics.json"]
+    assert os.readlink(folder / "best") == "exp_4" and os.readlink(folder / "last") == "exp_5"  # relative links
+    assert sorted(os.listdir(folder / "exp_4")) == [".metadata", "__0_0.distcp"]
+    saved = json.loads((folder / "metrics.json").read_text())
+    as_files = json.loads((tmp_path / "files" / "metrics.json").read_text())
+    assert saved["values"] == as_files["values"] and saved["sharded"] is True
+    assert sharded.best == files.best and sharded.values == files.values
+    assert_every_visible_checkpoint_loads(folder)
+    # the next epoch: exp_5 goes (not among the best, no longer last)
+    sharded.process(score=5.0, epoch=6, checkpoint=state(6))
+    assert visible(folder) == ["best", "exp_2", "exp_4", "exp_6", "last", "metrics.json"]
+
+
+def test_restore_reads_back_every_entry_and_refuses_a_misfit_changing_nothing(tmp_path):
+    model, optimizer = build()
+    train_step(model, optimizer)
+    filled(tmp_path, [1.0])
+    restored = restore_training_state(tmp_path / "last", model, optimizer=optimizer)
+    assert restored["epoch"] == 1 and restored["step"] == 1 and len(restored["rng_states"]) == 1
+    assert "model_state_dict" not in restored  # loaded in place
+    for key, value in MODEL.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], OPTIMIZER.state_dict()["state"][0]["exp_avg"])
+    wide = nn.Sequential(nn.Linear(4, 9), nn.BatchNorm1d(9), nn.ReLU(), nn.Linear(9, 2))
+    before = {key: value.clone() for key, value in wide.state_dict().items()}
+    sgd = torch.optim.SGD(wide.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        restore_training_state(tmp_path / "last", wide, optimizer=sgd)
+    assert all(torch.equal(before[key], value) for key, value in wide.state_dict().items())
+    assert not sgd.state  # as it was
+    same, _ = build()
+    with pytest.raises(RuntimeError, match="optimizer state .* does not fit the SGD given"):
+        restore_training_state(tmp_path / "last", same, optimizer=torch.optim.SGD(same.parameters(), momentum=0.9))
+
+
+def test_bad_arguments_and_the_other_kinds_folder_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="save_fn is not used"):
+        CheckpointManager(tmp_path, sharded=True, save_fn=lambda obj, path: None)
+    with pytest.raises(TypeError, match="sharded must be True or False"):
+        CheckpointManager(tmp_path, sharded="yes")
+    manager = CheckpointManager(tmp_path / "a", sharded=True)
+    with pytest.raises(ValueError, match="keyed by parameter position"):
+        manager.process(1.0, 1, {"epoch": 1, "optimizer_state_dict": OPTIMIZER.state_dict()})
+    for name in ("best", "last", "exp_3", "step.3", ".hidden", "metrics.json"):
+        with pytest.raises(ValueError, match="name must not"):
+            manager.save(state(0), name)
+    assert not any((tmp_path / "a").iterdir())  # nothing was written
+    filled(tmp_path / "sharded", [1.0])
+    with pytest.raises(ValueError, match="sharded checkpoint folders"):
+        CheckpointManager(tmp_path / "sharded")
+    CheckpointManager(tmp_path / "files").process(1.0, 1, {"epoch": 1})
+    with pytest.raises(ValueError, match="checkpoint files"):
+        CheckpointManager(tmp_path / "files", sharded=True)
+
+
+def test_a_named_save_replaces_the_previous_one_and_resume_auto_finds_it(tmp_path):
+    manager = filled(tmp_path, [2.0, 1.0])
+    assert find_resume_checkpoint(manager) == (tmp_path / "last", None)
+    for steps in (7, 9):  # mid-epoch 3
+        assert manager.save(state(2, step=steps), "step") == tmp_path / "step"
+    assert visible(tmp_path) == ["best", "exp_1", "exp_2", "last", "metrics.json", "step", "step.2"]
+    assert os.readlink(tmp_path / "step") == "step.2"
+    path, checkpoint = find_resume_checkpoint(manager)
+    assert path == tmp_path / "step" and checkpoint is None
+    assert restore_training_state(path, build()[0], restore_rng=False)["step"] == 9
+    # saved by another number of processes: a mid-epoch step is skipped, the epoch's end is taken
+    with pytest.warns(UserWarning, match="mid-epoch position"):
+        assert find_resume_checkpoint(manager, world_size=2) == (tmp_path / "last", None)
+
+
+def test_a_numbered_folder_deleted_by_hand_is_marked_lost_and_the_links_follow(tmp_path):
+    manager = filled(tmp_path, [3.0, 1.0, 2.0])
+    shutil.rmtree(tmp_path / "exp_2")  # the best, by hand: `best` dangles
+    with pytest.warns(UserWarning, match=r"recorded epochs \[2\] are missing"):
+        manager.process(score=2.5, epoch=4, checkpoint=state(4))
+    assert json.loads((tmp_path / "metrics.json").read_text())["lost_epochs"] == [2]
+    assert os.readlink(tmp_path / "best") == "exp_3" and os.readlink(tmp_path / "last") == "exp_4"
+    assert visible(tmp_path) == ["best", "exp_3", "exp_4", "last", "metrics.json"]
+    assert_every_visible_checkpoint_loads(tmp_path)
+
+
+def test_rewind_deletes_the_forgotten_folders_and_never_leaves_a_dangling_link(tmp_path):
+    manager = filled(tmp_path, [1.0, 2.0, 3.0, 4.0], n_best=1)
+    assert visible(tmp_path) == ["best", "exp_1", "exp_4", "last", "metrics.json"]
+    manager.rewind(2)  # epoch 2's folder went with the N best: no `last` to point at
+    assert visible(tmp_path) == ["best", "exp_1", "metrics.json"] and recorded(tmp_path) == [1, 2]
+    assert_every_visible_checkpoint_loads(tmp_path)
+    manager.process(score=0.5, epoch=3, checkpoint=state(3))
+    assert visible(tmp_path) == ["best", "exp_3", "last", "metrics.json"]
+
+
+# ------------------------------------------------------------------ faults and kills at every step
+_CALLS = ("replace", "rename", "link", "symlink", "unlink", "fsync", "open", "rmdir", "mkdir")
+
+
+def _armed(monkeypatch, at, fault):
+    """Make the ``at``-th call of the file-system functions above run ``fault()``."""
+    calls = [0]
+
+    def wrap(name):
+        real = getattr(os, name)
+
+        def faulty(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == at:
+                fault()
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, faulty)
+
+    for name in _CALLS:
+        wrap(name)
+    return calls
+
+
+def _three_epochs(tmp_path, at):
+    """A copy of a folder with epochs 1 to 3 saved (the 2 best: 2 and 3), and its manager."""
+    template = tmp_path / "template"
+    if not template.exists():
+        filled(template, [3.0, 1.0, 2.0])
+    shutil.copytree(template, tmp_path / f"at{at}", symlinks=True)
+    return tmp_path / f"at{at}", CheckpointManager(tmp_path / f"at{at}", save_n_best=2, sharded=True)
+
+
+def _count_calls(tmp_path, monkeypatch):
+    _, probe = _three_epochs(tmp_path, "probe")
+    with monkeypatch.context() as patch:
+        calls = _armed(patch, at=0, fault=None)
+        probe.process(score=0.5, epoch=4, checkpoint=state(4))
+    return calls[0]
+
+
+def _after_the_fault(folder, pid):
+    """What must hold after process(epoch 4) was cut short anywhere, then the next process."""
+    done = recorded(folder)
+    assert done in ([1, 2, 3], [1, 2, 3, 4])
+    assert_every_visible_checkpoint_loads(folder)
+    if 4 in done:
+        assert loaded_epoch(folder / "exp_4") == 4
+    manager = CheckpointManager(folder, save_n_best=2, sharded=True)
+    manager.process(score=0.7, epoch=5, checkpoint=state(5))
+    best, other = (4, 5) if 4 in done else (5, 2)
+    assert visible(folder) == sorted(["best", "last", "metrics.json", f"exp_{best}", f"exp_{other}"])
+    hidden = [p.name for p in folder.iterdir() if p.name.startswith(".")]
+    assert all(f".tmp-{pid}-" in name for name in hidden), hidden  # only a live process's own leftovers
+    assert loaded_epoch(folder / "best") == best and loaded_epoch(folder / "last") == 5
+
+
+def test_a_fault_at_every_step_of_process_never_loses_a_recorded_epoch(tmp_path, monkeypatch):
+    """An interrupt (Ctrl-C) at odd steps, an I/O error at even ones: every error path is taken."""
+    total = _count_calls(tmp_path, monkeypatch)
+    assert total > 15
+    for at in range(1, total + 1):
+
+        def fault(at=at):
+            raise KeyboardInterrupt() if at % 2 else OSError(5, "Input/output error")
+
+        folder, manager = _three_epochs(tmp_path, at)
+        with monkeypatch.context() as patch:
+            _armed(patch, at=at, fault=fault)
+            try:
+                manager.process(score=0.5, epoch=4, checkpoint=state(4))  # would be the new best
+            except (KeyboardInterrupt, OSError, RuntimeError):
+                pass
+        _after_the_fault(folder, os.getpid())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_kill_9_at_every_step_of_process_leaves_every_visible_checkpoint_loadable(tmp_path, monkeypatch):
+    total = _count_calls(tmp_path, monkeypatch)
+    for at in range(1, total + 1):
+        folder, manager = _three_epochs(tmp_path, at)
+        pid = os.fork()
+        if pid == 0:
+            _armed(monkeypatch, at=at, fault=lambda: os.kill(os.getpid(), signal.SIGKILL))
+            try:
+                manager.process(score=0.5, epoch=4, checkpoint=state(4))
+            finally:
+                os._exit(0)  # the kill came after the last call: nothing more to do
+        os.waitpid(pid, 0)
+        _after_the_fault(folder, os.getpid())  # the dead child's leftovers are gone: its pid is not ours
+
+
+# ------------------------------------------------------------------ another process on the folder
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_monitor_building_managers_and_loading_while_the_writer_saves(tmp_path):
+    """A second process builds managers and loads every visible checkpoint while the writer saves:
+    nothing it sees is partial, the writer never fails, and building changes nothing."""
+    pid = os.fork()
+    if pid == 0:  # the writer
+        code = 1
+        try:
+            manager = CheckpointManager(tmp_path, save_n_best=2, sharded=True)
+            for epoch in range(1, 31):
+                manager.process([3.0, 1.0, 2.0, 0.5][epoch % 4] + epoch / 100, epoch, state(epoch))
+                manager.save(state(epoch), "step")
+            code = 0
+        finally:
+            os._exit(code)
+    checks, status = 0, None
+    while status is None:
+        CheckpointManager(tmp_path, save_n_best=1, sharded=True)
+        for name in visible(tmp_path):
+            if name == "metrics.json":
+                continue
+            try:
+                loaded_epoch(tmp_path / name)
+                checks += 1
+            except (FileNotFoundError, RuntimeError):
+                # deleted (renamed away) or re-pointed between the listing and the read: never partial
+                assert not (tmp_path / name).exists() or os.path.islink(tmp_path / name), name
+        done, code = os.waitpid(pid, os.WNOHANG)
+        status = code if done else None
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "the writer failed"
+    assert recorded(tmp_path) == list(range(1, 31)) and checks > 5
+    kept = [f"exp_{epoch}" for epoch in {*CheckpointManager(tmp_path, save_n_best=2, sharded=True)._kept_epochs(), 30}]
+    assert visible(tmp_path) == sorted(["best", "last", "step", "step.30", "metrics.json", *kept])
+
+
+# ------------------------------------------------------------------ asynchronous saves
+def test_async_snapshot_is_taken_at_the_call_and_committed_after_the_write(tmp_path):
+    model, optimizer = build()
+    manager = CheckpointManager(tmp_path, sharded=True, async_save=True)
+    expected = {key: value.clone() for key, value in model.state_dict().items()}
+    manager.process(1.0, 1, state(1, model, optimizer))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)  # training goes on while the files are written
+    manager.wait()
+    fresh = build()[0]
+    restore_training_state(tmp_path / "last", fresh, restore_rng=False)
+    assert all(torch.equal(fresh.state_dict()[key], value) for key, value in expected.items())
+    assert manager.values == [{"epoch": 1, "loss": 1.0}] and visible(tmp_path) == [
+        "best",
+        "exp_1",
+        "last",
+        "metrics.json",
+    ]
+
+
+def _failing_writes(monkeypatch):
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    def write_data(self, plan, planner):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", write_data)
+
+
+def test_async_errors_are_raised_by_wait_and_by_the_next_process(tmp_path, monkeypatch):
+    manager = filled(tmp_path, [2.0], async_save=True)
+    manager.wait()
+    with monkeypatch.context() as patch:
+        _failing_writes(patch)
+        manager.process(1.0, 2, state(2))  # returns: the write fails in the background
+        with pytest.raises(Exception, match="No space left"):
+            manager.wait()
+        manager.process(1.0, 2, state(2))
+        time.sleep(0.5)
+    with pytest.raises(Exception, match="No space left"):
+        manager.process(1.0, 2, state(2))  # the previous failure first; nothing saved
+    assert recorded(tmp_path) == [1] and visible(tmp_path) == ["best", "exp_1", "last", "metrics.json"]
+    manager.process(0.5, 2, state(2))
+    manager.wait()
+    assert recorded(tmp_path) == [1, 2] and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_an_async_error_nobody_waited_for_is_reported_at_exit(tmp_path):
+    script = f"""
+import torch
+from torch import nn
+from torch.distributed.checkpoint import FileSystemWriter
+from batteries import CheckpointManager, make_training_state
+def write_data(self, plan, planner):
+    raise OSError(28, "No space left on device")
+FileSystemWriter.write_data = write_data
+model = nn.Linear(2, 1)
+CheckpointManager({str(tmp_path)!r}, sharded=True, async_save=True).process(
+    1.0, 1, make_training_state(model, epoch=1, sharded=True))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "No space left on device" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # the temporary folder removed; no history before a first commit
+
+
+# ------------------------------------------------------------------ 2 ranks, FSDP2
+def _fsdp_ranks(rank, world_size, port, folder, results):
+    """Sync and async managers over FSDP2 shards; a rank that fails makes both raise; then rank 1 is
+    killed while it writes its shard, and rank 0 says what it saw."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    try:
+        model, optimizer = build()
+        fully_shard(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        train_step(model, optimizer)
+        writes, full = [], []
+        for async_save in (False, True):
+            manager = CheckpointManager(f"{folder}/{async_save}", save_n_best=1, sharded=True, async_save=async_save)
+            for epoch, score in enumerate([2.0, 1.0, 3.0], start=1):
+                train_step(model, optimizer)
+                manager.process(score, epoch, state(epoch, model, optimizer))
+            manager.save(state(3, model, optimizer), "step")
+            manager.wait()
+            writes.append(sorted(os.listdir(f"{folder}/{async_save}/exp_2")))
+            full.append({k: v.full_tensor() for k, v in model.state_dict().items() if hasattr(v, "full_tensor")})
+        good = state(4, model, optimizer)  # on every rank: it gathers the RNG states
+        bad = {"epoch": 4, "optimizer_state_dict": {"state": {0: {}}}}
+        try:
+            manager.process(0.5, 4, bad if rank == 1 else good)
+            failed = None
+        except (ValueError, RuntimeError) as error:
+            failed = f"{type(error).__name__}: {error}"
+        report = {"writes": writes, "values": manager.values, "full": full, "failed": failed}
+        if rank == 1:
+            results.put(pickle.dumps((rank, report)))
+            os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # killed while writing its shard
+        try:
+            manager.process(0.5, 4, good)  # asynchronous: the shards are written by a background thread
+            manager.wait()
+            report["killed"] = None
+        except Exception as error:  # noqa: BLE001 - reported to the parent
+            report["killed"] = f"{type(error).__name__}: {error}"
+        results.put(pickle.dumps((rank, report)))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        import traceback
+
+        results.put(pickle.dumps((rank, traceback.format_exc())))
+
+
+def test_two_fsdp_ranks_write_their_own_shards_agree_on_failures_and_survive_a_killed_rank(tmp_path):
+    context = mp.get_context("spawn")
+    results, port = context.Queue(), free_port()
+    processes = [
+        context.Process(target=_fsdp_ranks, args=(rank, 2, port, str(tmp_path), results), daemon=True)
+        for rank in (0, 1)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        reports = dict(pickle.loads(results.get(timeout=120)) for _ in range(2))
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    assert all(isinstance(report, dict) for report in reports.values()), reports
+    first, second = reports[0], reports[1]
+    assert first["writes"] == second["writes"] == [[".metadata", "__0_0.distcp", "__1_0.distcp"]] * 2
+    assert first["values"] == second["values"] and [r["epoch"] for r in first["values"]] == [1, 2, 3]
+    assert "keyed by parameter position" in second["failed"] and "rank 1 failed" in first["failed"]
+    for kind, weights in zip(("False", "True"), first["full"]):
+        folder = tmp_path / kind
+        assert visible(folder) == ["best", "exp_2", "exp_3", "last", "metrics.json", "step", "step.1"]
+        model = build()[0]  # one process reads the 2 ranks' shards back into a whole model
+        restore_training_state(folder / "step", model, restore_rng=False)
+        for key, value in weights.items():
+            assert torch.equal(model.state_dict()[key], value), key
+    # rank 1 killed while writing epoch 4: rank 0 learnt of it at once (gloo), nothing partial is visible
+    assert first["killed"] is not None and processes[1].exitcode == -signal.SIGKILL
+    assert recorded(tmp_path / "True") == [1, 2, 3]
+    assert visible(tmp_path / "True") == ["best", "exp_2", "exp_3", "last", "metrics.json", "step", "step.1"]
+    assert_every_visible_checkpoint_loads(tmp_path / "True")
