@@ -26,27 +26,29 @@ _PRELOAD = ["batteries._orphan_guard", "torch", "numpy", "batteries"]
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(ancestor_pid: int | None = None) -> None:
-    """Ask the kernel to SIGKILL this process when its parent process dies (Linux; elsewhere a no-op).
+def die_with_parent(ancestor_pid: int | None = None, *, sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send ``sig`` (SIGKILL) to this process when its parent process dies (Linux; elsewhere a no-op).
 
     ``make_loader`` calls it in its forkserver and in every worker, so that killing the training
     process ends them too. Call it in helper processes of your own for the same effect; never in
-    the training process itself, which would then die with the shell or launcher that started it.
-    If the parent, or ``ancestor_pid`` (the training process, for a worker whose parent is the
-    forkserver), is already gone when the request is in place, the process kills itself at once.
+    the training process itself, which would then die with the shell or launcher that started it
+    (``StopOnSignal`` asks for SIGTERM, a stop request, in torchrun's workers). If the parent, or
+    ``ancestor_pid`` (the training process, for a worker whose parent is the forkserver), is already
+    gone when the request is in place, the process sends itself ``sig`` at once.
 
     Args:
         ancestor_pid: a process further up whose death must end this one too. Default None.
+        sig: the signal to receive. Default SIGKILL.
     """
     if not sys.platform.startswith("linux"):
         return
     parent = os.getppid()
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig))
     except (OSError, AttributeError):  # no libc prctl: the process behaves as Python's default
         return
     if os.getppid() != parent or (ancestor_pid is not None and not pid_alive(ancestor_pid)):
-        os.kill(os.getpid(), signal.SIGKILL)  # it died before the request was in place
+        os.kill(os.getpid(), sig)  # it died before the request was in place
 
 
 def ignore_stop_signals() -> None:
@@ -60,6 +62,31 @@ def ignore_stop_signals() -> None:
     for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def _start_forkserver() -> None:
+    """Start the forkserver now (a no-op once it runs), with SIGTERM / SIGINT / SIGUSR1 blocked.
+
+    The server and every worker it forks inherit the blocked mask from the moment they exist: a
+    Ctrl-C or a launcher's SIGTERM to the process group while the server still imports torch would
+    otherwise kill it (Python's forkserver ignores SIGINT only after its preload), and the training
+    process could not finish its step and save (``StopOnSignal``). This process's mask is restored
+    at once; a signal that came meanwhile is delivered then.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        return
+    import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
+
+    # first the resource tracker the server needs: starting it unblocks SIGINT and SIGTERM in this
+    # thread (Python's own fix for the same race, bpo-33613), which would undo the mask below
+    multiprocessing.resource_tracker.ensure_running()
+    blocked = {getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name)}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _init_worker(worker_id: int, user_init: Callable[[int], Any] | None, training_pid: int) -> None:
@@ -121,6 +148,7 @@ def make_loader(
     if num_workers > 0 and "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
         multiprocessing.set_forkserver_preload(_PRELOAD)  # read when the server starts (the first loader)
+        _start_forkserver()
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -21,8 +21,11 @@ import torch
 import torch.distributed as dist
 
 from batteries._checks import check_int, check_number
+from batteries.data import die_with_parent
 
 __all__ = ["StopOnSignal", "STOP_SIGNALS"]
+
+_ACTIVE: list[StopOnSignal] = []  # the instance whose handlers are installed (signals are per process)
 
 STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
     getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name)
@@ -38,13 +41,16 @@ class StopOnSignal:
     then consistent (ranks that stopped at different steps would save different steps' states).
 
     How the ranks agree: every ``every`` calls, each rank starts a non-blocking all-reduce (MAX) of
-    a one-element CPU tensor holding its own flag, and waits for the one it started ``every`` calls
-    before; the answer of that earlier all-reduce is the decision, so all ranks decide alike. The
-    reduction runs on gloo in the background while the step computes: no GPU synchronisation, no
-    host round trip on the critical path (``benchmarks/helper_costs.py`` measures the cost). A
-    request is therefore acted on within ``2 * every`` calls of the signal. Without a process group
-    (one process) the call just returns the flag. Under an NCCL default group a gloo group is
-    created for this (a collective, hence "on every rank").
+    a one-element CPU tensor holding the signal it received (0 for none), and waits for the one it
+    started ``every`` calls before; the answer of that earlier all-reduce is the decision, so all
+    ranks decide alike, and every rank learns which signal it was. The reduction runs on gloo in the
+    background while the step computes: no GPU synchronisation, no host round trip on the critical
+    path (``benchmarks/stop_on_signal.py`` measures the cost). A request is therefore acted on
+    within ``2 * every`` calls of the signal. ``stop(wait=True)`` agrees at once instead (a blocking
+    all-reduce): call it where a loop resumes after a long pause, such as before an epoch's first
+    step, so that a signal that came during validation or a save is acted on before the next step.
+    Without a process group (one process) a call just returns whether a signal came. Under an NCCL
+    default group a gloo group is created for this (a collective, hence "on every rank").
 
     Signals:
         - The first signal sets the request; the process goes on until the loop stops.
@@ -54,11 +60,19 @@ class StopOnSignal:
         - A later signal is a second request: the process ends at once, killed by that signal
           (with the signal's default action, so no traceback and the shell's status 128 + signal).
           Files the toolkit writes stay complete (every write is atomic); the step is lost.
+        - Under torchrun (a worker of its agent), the agent's death (SIGKILL, or a signal torchrun
+          does not handle, such as SIGUSR1 unless ``TORCHELASTIC_SIGNALS_TO_HANDLE`` lists it)
+          becomes a SIGTERM to this worker: the workers stop together instead of training on
+          orphaned.
+
+    Only one instance may be active in a process at a time (signal handlers are per process):
+    :meth:`close` it (or leave its ``with`` block) before building another.
 
     DataLoader workers also receive the signal when it goes to the whole process group (Ctrl-C,
-    torchrun's shutdown): :func:`~batteries.make_loader`'s workers ignore it, and die with the
+    torchrun's shutdown): :func:`~batteries.make_loader`'s workers block it, and die with the
     training process instead. Workers of a plain ``DataLoader`` die on SIGTERM / SIGINT, and the
     next batch then raises: use ``make_loader``, or ignore the signals in your ``worker_init_fn``.
+    Before the object is built (while torch imports, say) the signals act as usual.
 
     Args:
         signals: the signals that request a stop. Default SIGTERM, SIGINT and SIGUSR1.
@@ -67,15 +81,18 @@ class StopOnSignal:
             request (float >= 0). Default 1.0.
 
     Attributes:
-        signum: the first signal received (an ``int``), or None.
+        signum: the signal that stopped the loop, or that this process received (an ``int``), or None.
         signal_name: its name, e.g. ``"SIGTERM"``, or None.
         exit_code: the status to exit with after a stop, ``128 + signum`` (the shell's status for a
-            process ended by that signal: 143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1).
+            process ended by that signal: 143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1); 0
+            without a signal.
         stopped: True once a call has returned True.
 
     Raises:
-        RuntimeError: if built outside the main thread (only it can receive signals in Python).
-        TypeError / ValueError: on a bad ``signals``, ``every`` or ``repeat_window_s``.
+        RuntimeError: if built outside the main thread (only it can receive signals in Python), or
+            while another instance is active.
+        TypeError / ValueError: on a bad ``signals`` (also one that cannot be caught), ``every`` or
+            ``repeat_window_s``.
 
     Example:
         >>> stop = StopOnSignal()
@@ -97,17 +114,31 @@ class StopOnSignal:
             self.signals = tuple(signal.Signals(s) for s in signals)
         except (TypeError, ValueError) as error:
             raise ValueError(f"signals must be signal numbers such as signal.SIGTERM, got {signals!r}") from error
-        if not self.signals or signal.SIGKILL in self.signals:
-            raise ValueError(f"signals must name at least one signal that can be caught, got {signals!r}")
+        if not self.signals:
+            raise ValueError(f"signals must name at least one signal, got {signals!r}")
+        if _ACTIVE:
+            raise RuntimeError(
+                "another StopOnSignal is active in this process (signal handlers are per process): "
+                "close() it before building a new one, or keep using it"
+            )
         self.signum: int | None = None
         self.stopped = False
         self._received_at = 0.0
         self._calls = 0
         self._pending: tuple[Any, torch.Tensor] | None = None
         self._group = None
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _world_size() > 1:
             self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-        self._previous = {s: signal.signal(s, self._handle) for s in self.signals}
+        self._previous: dict[signal.Signals, Any] = {}
+        try:
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._handle)
+        except (OSError, ValueError) as error:  # SIGKILL, SIGSTOP, ...: cannot be caught
+            self._restore()
+            raise ValueError(f"signals must be signals a process can catch, got {s!r}: {error}") from error
+        _ACTIVE.append(self)
+        if "TORCHELASTIC_RUN_ID" in os.environ and signal.SIGTERM in self.signals:
+            die_with_parent(sig=signal.SIGTERM)  # torchrun's agent dies: stop like on its SIGTERM
 
     # ----------------------------------------------------------------- signals
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -126,7 +157,7 @@ class StopOnSignal:
 
     @property
     def exit_code(self) -> int:
-        return 128 + (self.signum or 0)
+        return 128 + self.signum if self.signum else 0
 
     @property
     def requested(self) -> bool:
@@ -134,46 +165,84 @@ class StopOnSignal:
         return self.signum is not None
 
     # ----------------------------------------------------------------- the poll
-    def __call__(self) -> bool:
+    def __call__(self, wait: bool = False) -> bool:
         """Poll once per optimizer step, on every rank: True on every rank at the same call after a request.
+
+        Args:
+            wait: agree now, with a blocking all-reduce, on what every rank has received so far
+                (instead of on what they had received ``every`` calls ago). Pass the same value on
+                every rank. Default False.
 
         Returns:
             True when the loop should stop now; then True on every later call too.
+
+        Raises:
+            RuntimeError: if a process group of several ranks exists but did not when the object was
+                built (the ranks could not agree).
         """
         if self.stopped:
             return True
         self._calls += 1
         if self._group is None:
+            if _world_size() > 1:
+                raise RuntimeError(
+                    "StopOnSignal was built before the process group existed, so the ranks cannot agree on "
+                    "when to stop: build it after init_distributed / init_process_group"
+                )
             self.stopped = self.requested
             return self.stopped
-        if self._calls % self.every:
+        if not wait and self._calls % self.every:
             return False
         if self._pending is not None:
-            work, flag = self._pending
-            work.wait()
+            work, agreed = self._pending
             self._pending = None
-            if flag.item():
-                self.stopped = True
+            work.wait()
+            if self._agree(int(agreed.item())):
                 return True
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
-        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
+        received = torch.tensor([self.signum or 0], dtype=torch.int32)
+        work = dist.all_reduce(received, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        if wait:
+            work.wait()
+            return self._agree(int(received.item()))
+        self._pending = (work, received)
         return False
+
+    def _agree(self, signum: int) -> bool:
+        if signum:
+            self.signum = self.signum or signum  # a rank that received none learns which signal it was
+            self.stopped = True
+        return self.stopped
 
     def close(self) -> None:
         """Wait for the reduction in flight (call it on every rank) and restore the previous signal handlers.
 
-        Call it before ``destroy_process_group``. Afterwards the signals act as before this object.
+        Call it before ``destroy_process_group``. Afterwards the signals act as before this object,
+        and another instance may be built. Closing twice is a no-op.
+
+        Raises:
+            RuntimeError: if called outside the main thread (only it can restore signal handlers).
         """
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("StopOnSignal.close() must be called in the main thread: only it can restore handlers")
         if self._pending is not None:
-            self._pending[0].wait()
+            work, _ = self._pending
             self._pending = None
-        if threading.current_thread() is threading.main_thread():
-            for s, previous in self._previous.items():
-                signal.signal(s, previous if previous is not None else signal.SIG_DFL)
+            work.wait()
+        self._restore()
+
+    def _restore(self) -> None:
+        for s, previous in self._previous.items():
+            signal.signal(s, previous if previous is not None else signal.SIG_DFL)
         self._previous = {}
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
 
     def __enter__(self) -> StopOnSignal:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -87,8 +87,32 @@ def test_bad_arguments_are_refused_at_the_call():
     with pytest.raises(ValueError, match="signals"):
         StopOnSignal(signals=[signal.SIGKILL])
     with pytest.raises(ValueError, match="signals"):
+        StopOnSignal(signals=[signal.SIGUSR1, signal.SIGSTOP])
+    with pytest.raises(ValueError, match="signals"):
         StopOnSignal(signals=[])
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # nothing was installed by a refused call
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+def test_one_active_instance_at_a_time_and_close_in_the_main_thread():
+    def child():
+        first = StopOnSignal()
+        try:
+            StopOnSignal()
+        except RuntimeError as error:
+            refused = "another StopOnSignal is active" in str(error)
+        errors = []
+        thread = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, first.close)))
+        thread.start()
+        thread.join()
+        first.close()
+        first.close()  # twice: a no-op
+        second = StopOnSignal()  # allowed once the first is closed
+        os.kill(os.getpid(), signal.SIGTERM)
+        return {"refused": refused, "thread": "main thread" in str(errors[0].value), "second": second(),
+                "code_before": first.exit_code}  # fmt: skip
+
+    assert run_in_child(child) == {"refused": True, "thread": True, "second": True, "code_before": 0}
 
 
 def test_built_outside_the_main_thread_is_an_error():
@@ -100,27 +124,84 @@ def test_built_outside_the_main_thread_is_an_error():
 
 
 def ranks_stop_together(rank, world_size, signal_at, everies):
-    """For each ``every``: rank 1 signals itself at call ``signal_at``; the call at which this rank stopped."""
+    """For each ``every``: rank 1 signals itself at call ``signal_at``; the call at which this rank stopped.
+    With ``every`` "wait", the calls after the signal agree at once (``stop(wait=True)``)."""
     results = {}
     for every in everies:
-        stop = StopOnSignal(every=every)
+        stop = StopOnSignal(every=1 if every == "wait" else every)
         for call in range(1, 200):
             if rank == 1 and call == signal_at:
                 os.kill(os.getpid(), signal.SIGUSR1)
             time.sleep(0.002 * rank)  # rank 2 is the slowest: the answer must not depend on timing
-            if stop():
+            if stop(wait=every == "wait" and call >= signal_at):
                 break
         stop.close()
-        results[every] = (call, stop.signal_name)
+        results[every] = (call, stop.signal_name, stop.exit_code)
     return results
 
 
-def test_every_rank_stops_at_the_same_call():
-    everies = [1, 3]
+def test_every_rank_stops_at_the_same_call_and_knows_the_signal():
+    everies = [1, 3, "wait"]
     results = run_workers(ranks_stop_together, 3, 5, everies, timeout_s=60)
     for every in everies:
         calls = {rank_results[every][0] for rank_results in results}
         assert len(calls) == 1, results
         (call,) = calls
-        assert 5 < call <= 5 + 2 * every  # acted on within two agreements
-        assert [r[every][1] for r in results] == [None, "SIGUSR1", None]  # only rank 1 received it
+        if every == "wait":
+            assert call == 5  # agreed at the call itself
+        else:
+            assert 5 < call <= 5 + 2 * every  # acted on within two agreements
+        # only rank 1 received it; every rank learns which signal it was (for its log line and status)
+        assert [r[every][1:] for r in results] == [("SIGUSR1", 138)] * 3
+
+
+def built_before_the_group(rank, world_size):
+    import datetime
+
+    import torch.distributed as dist
+
+    stop = StopOnSignal()
+    dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(seconds=30))
+    try:
+        stop()
+    except RuntimeError as error:
+        return str(error)
+    finally:
+        stop.close()
+        dist.destroy_process_group()
+
+
+def test_built_before_the_process_group_is_an_error_at_the_call_not_a_rank_stopping_alone():
+    for message in run_workers(built_before_the_group, 2, timeout_s=60, init_group=False):
+        assert "built before the process group existed" in message
+
+
+TORCHRUN_WORKER = textwrap.dedent(
+    """
+    import os, sys, time
+    os.environ["TORCHELASTIC_RUN_ID"] = "test"  # as torchrun sets it for its workers
+    from batteries import StopOnSignal
+    stop = StopOnSignal()
+    print("ready", flush=True)
+    deadline = time.monotonic() + 30  # never left running if the request does not come
+    while not stop() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("stopped by", stop.signal_name, flush=True)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_torchrun_worker_whose_agent_dies_gets_a_stop_request_not_orphaned():
+    """An agent killed by a signal it does not handle (SIGKILL, SIGUSR1): its workers stop as on SIGTERM."""
+    agent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys; subprocess.Popen([sys.executable, '-c', sys.argv[1]]).wait()",
+         TORCHRUN_WORKER], stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert agent.stdout.readline() == "ready\n"
+        agent.kill()  # the "agent" dies; its worker is orphaned
+        agent.wait(timeout=10)
+        assert agent.stdout.readline() == "stopped by SIGTERM\n"  # the worker inherited the pipe
+    finally:
+        agent.kill()

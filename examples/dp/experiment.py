@@ -157,6 +157,8 @@ def get_lr(step: int, total_steps: int, args: argparse.Namespace) -> float:
 def train_fn(model, loader, optimizer, scaler, meters, args, step, stop, save_step=None) -> int:
     """One epoch, or its rest after a mid-epoch resume, or up to a stop request; returns the optimizer steps so far."""
     model.train()
+    if stop(wait=True):  # a signal came during the last validation or save: stop before the first step
+        return step
     sampler = loader.sampler
     total_steps = args.epochs * math.ceil(math.ceil(sampler.num_samples / args.batch_size) / args.accum_steps)
     for batch in tqdm(loader, desc=f"epoch {sampler.epoch} train", leave=False):
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
                                    batches_done=batches_done, experiment_args=args, **extra)  # fmt: skip
 
     def save_step(step: int) -> int:  # mid-epoch: resumable, but not an epoch for the N best; returns the batches done
-        batches_done = sampler.samples_consumed // args.batch_size
+        batches_done = math.ceil(sampler.samples_consumed / args.batch_size)
         save_checkpoint(training_state(sampler.epoch - 1, step, batches_done), checkpoint_dir, "step.pth")
         return batches_done
 
