@@ -40,13 +40,18 @@ class StopOnSignal:
     same call once any rank has received one of ``signals``. A checkpoint saved at that step is
     then consistent (ranks that stopped at different steps would save different steps' states).
 
-    How the ranks agree: every ``every`` calls, each rank starts a non-blocking all-reduce (MAX) of
-    a one-element CPU tensor holding the signal it received (0 for none), and waits for the one it
-    started ``every`` calls before; the answer of that earlier all-reduce is the decision, so all
-    ranks decide alike, and every rank learns which signal it was. The reduction runs on gloo in the
-    background while the step computes: no GPU synchronisation, no host round trip on the critical
-    path (``benchmarks/stop_on_signal.py`` measures the cost). A request is therefore acted on
-    within ``2 * every`` calls of the signal. ``stop(wait=True)`` agrees at once instead (a blocking
+    How the ranks agree: at an agreement call, each rank waits for the all-reduce it started at the
+    previous agreement call, and starts a new one, non-blocking, of a small CPU tensor holding the
+    signal it received (0 for none); the answer of the earlier all-reduce is the decision, so all
+    ranks decide alike at the same call, and every rank learns which signal it was. The reduction
+    runs on gloo in the background while the steps compute: no GPU synchronisation, no host round
+    trip on the critical path. Agreement calls come every ``every`` calls; by default (``every=None``)
+    about every ``interval_s`` seconds: each reduction also carries each rank's measured step time,
+    and all ranks take the next spacing from its result (so they stay in step). A request is
+    therefore acted on within two spacings of the signal, about ``2 * interval_s`` seconds plus a
+    step. ``benchmarks/stop_on_signal.py`` measures the cost: on two CPU processes, an all-reduce
+    every step costs about a millisecond a step; the default, a few per second, costs nothing
+    measurable. ``stop(wait=True)`` agrees at once instead (a blocking
     all-reduce): call it where a loop resumes after a long pause, such as before an epoch's first
     step, so that a signal that came during validation or a save is acted on before the next step.
     Without a process group (one process) a call just returns whether a signal came. Under an NCCL
@@ -76,7 +81,9 @@ class StopOnSignal:
 
     Args:
         signals: the signals that request a stop. Default SIGTERM, SIGINT and SIGUSR1.
-        every: agree across ranks every this many calls (int >= 1). Default 1.
+        every: agree across ranks every this many calls (int >= 1), or None to agree about every
+            ``interval_s`` seconds. Default None.
+        interval_s: with ``every=None``, the seconds between agreements (float > 0). Default 0.25.
         repeat_window_s: seconds after the first signal during which more signals are the same
             request (float >= 0). Default 1.0.
 
@@ -91,8 +98,8 @@ class StopOnSignal:
     Raises:
         RuntimeError: if built outside the main thread (only it can receive signals in Python), or
             while another instance is active.
-        TypeError / ValueError: on a bad ``signals`` (also one that cannot be caught), ``every`` or
-            ``repeat_window_s``.
+        TypeError / ValueError: on a bad ``signals`` (also one that cannot be caught), ``every``,
+            ``interval_s`` or ``repeat_window_s``.
 
     Example:
         >>> stop = StopOnSignal()
@@ -103,10 +110,19 @@ class StopOnSignal:
         ...         sys.exit(stop.exit_code)
     """
 
-    def __init__(self, signals: Iterable[int] = STOP_SIGNALS, every: int = 1, repeat_window_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        signals: Iterable[int] = STOP_SIGNALS,
+        every: int | None = None,
+        interval_s: float = 0.25,
+        repeat_window_s: float = 1.0,
+    ) -> None:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("StopOnSignal must be built in the main thread: only it receives signals in Python")
-        self.every = check_int(every, "every", minimum=1)
+        self.every = None if every is None else check_int(every, "every", minimum=1)
+        self.interval_s = check_number(interval_s, "interval_s")
+        if not 0 < self.interval_s < float("inf"):
+            raise ValueError(f"interval_s must be a finite number > 0, got {interval_s!r}")
         self.repeat_window_s = check_number(repeat_window_s, "repeat_window_s")
         if not 0 <= self.repeat_window_s < float("inf"):
             raise ValueError(f"repeat_window_s must be a finite number >= 0, got {repeat_window_s!r}")
@@ -124,7 +140,9 @@ class StopOnSignal:
         self.signum: int | None = None
         self.stopped = False
         self._received_at = 0.0
-        self._calls = 0
+        self._calls = 0  # since the last agreement call
+        self._spacing = self.every or 1  # calls between agreement calls: the same on every rank
+        self._agreed_at = time.perf_counter()
         self._pending: tuple[Any, torch.Tensor] | None = None
         self._group = None
         if _world_size() > 1:
@@ -191,26 +209,33 @@ class StopOnSignal:
                 )
             self.stopped = self.requested
             return self.stopped
-        if not wait and self._calls % self.every:
+        if not wait and self._calls < self._spacing:
             return False
         if self._pending is not None:
             work, agreed = self._pending
             self._pending = None
             work.wait()
-            if self._agree(int(agreed.item())):
+            if self._agree(agreed):
                 return True
-        received = torch.tensor([self.signum or 0], dtype=torch.int32)
+        now = time.perf_counter()
+        step_us = (now - self._agreed_at) / self._calls * 1e6  # this rank's time per call since the last agreement
+        self._calls, self._agreed_at = 0, now
+        # MAX of [signal, slowest step]: the signal any rank received; the spacing that suits the slowest rank
+        received = torch.tensor([self.signum or 0, max(1, round(step_us))], dtype=torch.int64)
         work = dist.all_reduce(received, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
         if wait:
             work.wait()
-            return self._agree(int(received.item()))
+            return self._agree(received)
         self._pending = (work, received)
         return False
 
-    def _agree(self, signum: int) -> bool:
+    def _agree(self, agreed: torch.Tensor) -> bool:
+        signum, step_us = agreed.tolist()
         if signum:
             self.signum = self.signum or signum  # a rank that received none learns which signal it was
             self.stopped = True
+        elif self.every is None:  # the same on every rank: it comes from the all-reduce
+            self._spacing = max(1, min(10_000, int(self.interval_s * 1e6 // step_us)))
         return self.stopped
 
     def close(self) -> None:

@@ -78,6 +78,8 @@ def test_a_repeat_within_the_window_is_the_same_request_and_a_later_one_exits_at
 def test_bad_arguments_are_refused_at_the_call():
     with pytest.raises(ValueError, match="every"):
         StopOnSignal(every=0)
+    with pytest.raises(ValueError, match="interval_s"):
+        StopOnSignal(interval_s=0)
     with pytest.raises(TypeError, match="every"):
         StopOnSignal(every=True)
     with pytest.raises(ValueError, match="repeat_window_s"):
@@ -128,7 +130,10 @@ def ranks_stop_together(rank, world_size, signal_at, everies):
     With ``every`` "wait", the calls after the signal agree at once (``stop(wait=True)``)."""
     results = {}
     for every in everies:
-        stop = StopOnSignal(every=1 if every == "wait" else every)
+        if every == "adaptive":  # the default: about every interval_s seconds, the spacing agreed by all ranks
+            stop = StopOnSignal(interval_s=0.02)
+        else:
+            stop = StopOnSignal(every=1 if every == "wait" else every)
         for call in range(1, 200):
             if rank == 1 and call == signal_at:
                 os.kill(os.getpid(), signal.SIGUSR1)
@@ -141,7 +146,7 @@ def ranks_stop_together(rank, world_size, signal_at, everies):
 
 
 def test_every_rank_stops_at_the_same_call_and_knows_the_signal():
-    everies = [1, 3, "wait"]
+    everies = [1, 3, "wait", "adaptive"]
     results = run_workers(ranks_stop_together, 3, 5, everies, timeout_s=60)
     for every in everies:
         calls = {rank_results[every][0] for rank_results in results}
@@ -149,6 +154,8 @@ def test_every_rank_stops_at_the_same_call_and_knows_the_signal():
         (call,) = calls
         if every == "wait":
             assert call == 5  # agreed at the call itself
+        elif every == "adaptive":  # calls of 2-4 ms: agreements every 5 to 10 calls
+            assert 5 < call <= 5 + 30
         else:
             assert 5 < call <= 5 + 2 * every  # acted on within two agreements
         # only rank 1 received it; every rank learns which signal it was (for its log line and status)
