@@ -397,8 +397,10 @@ def prepare_load(
     """Read the model / optimizer states for ``model`` / ``optimizer`` from ``folder`` without changing them.
 
     The states are read into copies of this rank's current shards (DCP reshards: the folder may
-    come from any number of processes); nothing is gathered. Returns a function that loads them
-    (``set_state_dict``), or None when neither is given.
+    come from any number of processes); nothing is gathered. Returns ``(apply, cancel)``: ``apply()``
+    loads them (``set_state_dict``); ``cancel()`` undoes what reading them did (``get_state_dict``
+    fills an empty optimizer state with zeros), for a restore that fails later. ``(None, None)``
+    when neither is given.
 
     Raises:
         RuntimeError: naming the part, if the saved states do not fit (other names, other shapes,
@@ -409,10 +411,15 @@ def prepare_load(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
     if model is None and optimizer is None:
-        return None
+        return None, None
     if model is None:
         raise ValueError("restoring an optimizer from a sharded checkpoint needs its model (states are keyed by name)")
     had_state = optimizer is not None and bool(optimizer.state)
+
+    def cancel() -> None:
+        if optimizer is not None and not had_state:
+            optimizer.state.clear()  # as it was: get_state_dict filled it with zeros
+
     try:
         current = model_and_optimizer_states(model, optimizer)  # get_state_dict may initialise an empty optimizer state
         target = {key: _copy_tensors(value) for key, value in current.items()}
@@ -451,8 +458,7 @@ def prepare_load(
                 f"sharded checkpoint {source} cannot be read: {type(error).__name__}: {error}. Nothing was restored."
             ) from error
     except BaseException:
-        if optimizer is not None and not had_state:
-            optimizer.state.clear()  # as it was: get_state_dict filled it with zeros
+        cancel()
         raise
     options = StateDictOptions(strict=strict)
 
@@ -464,7 +470,7 @@ def prepare_load(
                 model, optimizer, model_state_dict=target[MODEL], optim_state_dict=target[OPTIMIZER], options=options
             )
 
-    return apply
+    return apply, cancel
 
 
 def _copy_tensors(value: Any) -> Any:

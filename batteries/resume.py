@@ -268,11 +268,16 @@ def restore_training_state(
             )
     if manager is not None:  # before anything is restored: a rewind that would fail fails now
         manager._ready_to_rewind(checkpoint["epoch"])
-    apply_in_place = None
+    apply_in_place = cancel = None
     if sharded is not None:  # read into copies first: a misfit or unreadable shard changes nothing
-        apply_in_place = _dcp.prepare_load(*sharded, in_place["model"], in_place["optimizer"], strict, source)
+        apply_in_place, cancel = _dcp.prepare_load(*sharded, in_place["model"], in_place["optimizer"], strict, source)
         checkpoint = {key: value for key, value in checkpoint.items() if key not in _dcp.PARTS}
-    load_states(parts, source, strict)
+    try:
+        load_states(parts, source, strict)
+    except BaseException:
+        if cancel is not None:
+            cancel()  # reading the sharded states may have filled an empty optimizer state: empty it again
+        raise
     if apply_in_place is not None:
         apply_in_place()
     if rng_state is not None:

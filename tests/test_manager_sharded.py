@@ -454,3 +454,27 @@ def test_two_fsdp_ranks_write_their_own_shards_agree_on_failures_and_survive_a_k
     assert recorded(tmp_path / "True") == [1, 2, 3]
     assert visible(tmp_path / "True") == ["best", "exp_2", "exp_3", "last", "metrics.json", "step", "step.1"]
     assert_every_visible_checkpoint_loads(tmp_path / "True")
+
+
+def test_a_sharded_restore_that_fails_after_reading_the_shards_leaves_the_optimizer_empty(tmp_path):
+    """The scheduler does not fit, after the model and optimizer shards were read: nothing may change,
+    not even the zeros that reading an empty optimizer's state puts into it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    for _ in range(2):
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    manager = CheckpointManager(tmp_path, sharded=True)
+    manager.process(1.0, 1, make_training_state(model, optimizer=optimizer, scheduler=scheduler, epoch=1, step=2,
+                                                sharded=True))  # fmt: skip
+    fresh = torch.nn.Linear(4, 3)
+    before = {key: value.clone() for key, value in fresh.state_dict().items()}
+    fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=0.5)
+    other = torch.optim.lr_scheduler.CosineAnnealingLR(fresh_optimizer, 10)
+    with pytest.raises(RuntimeError, match="scheduler"):
+        restore_training_state(tmp_path / "best", fresh, optimizer=fresh_optimizer, scheduler=other)
+    assert fresh_optimizer.state_dict()["state"] == {}
+    assert all(torch.equal(value, before[key]) for key, value in fresh.state_dict().items())
