@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import importlib
 import math
 import os
@@ -579,4 +580,5 @@ def cleanup_distributed() -> None:
     shuts down. (A group created before ``torch._dynamo`` was first imported is kept alive by it.)
     """
     if is_initialized():
+        gc.collect()  # modules in reference cycles (FSDP's hooks) that hold the group: gone before it is destroyed
         dist.destroy_process_group()

@@ -147,6 +147,7 @@ class StopOnSignal:
         self._group = None
         if _world_size() > 1:
             self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self._closed = False
         self._previous: dict[signal.Signals, Any] = {}
         try:
             for s in self.signals:
@@ -198,8 +199,8 @@ class StopOnSignal:
             RuntimeError: if a process group of several ranks exists but did not when the object was
                 built (the ranks could not agree).
         """
-        if self.stopped:
-            return True
+        if self.stopped or self._closed:
+            return self.stopped
         self._calls += 1
         if self._group is None:
             if _world_size() > 1:
@@ -241,8 +242,9 @@ class StopOnSignal:
     def close(self) -> None:
         """Wait for the reduction in flight (call it on every rank) and restore the previous signal handlers.
 
-        Call it before ``destroy_process_group``. Afterwards the signals act as before this object,
-        and another instance may be built. Closing twice is a no-op.
+        Call it before ``destroy_process_group``: it lets go of the group. Afterwards the signals act
+        as before this object, a call returns whether it had stopped, and another instance may be
+        built. Closing twice is a no-op.
 
         Raises:
             RuntimeError: if called outside the main thread (only it can restore signal handlers).
@@ -254,6 +256,7 @@ class StopOnSignal:
             self._pending = None
             work.wait()
         self._restore()
+        self._group, self._closed = None, True  # holds no process group: destroy_process_group can free it
 
     def _restore(self) -> None:
         for s, previous in self._previous.items():

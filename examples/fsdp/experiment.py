@@ -380,6 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         logger.info(f"  elapsed             {time.perf_counter() - started:.1f} s")
         summary = {"best_epoch": best["epoch"], f"best_{MAIN_METRIC}": best[MAIN_METRIC], "reloaded": reloaded}
+    model = optimizer = components = best_model = None  # FSDP modules hold the group: cleanup_distributed frees it
     barrier()
     cleanup_distributed()
     if stop.stopped:
