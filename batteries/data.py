@@ -24,6 +24,10 @@ __all__ = ["make_loader", "die_with_parent", "ignore_stop_signals"]
 # importing torch again; _orphan_guard makes the server die with the process that started it.
 _PRELOAD = ["batteries._orphan_guard", "torch", "numpy", "batteries"]
 _PR_SET_PDEATHSIG = 1
+# the signals that ask a run to stop (StopOnSignal): helper processes must not die of them
+STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name)
+)
 
 
 def die_with_parent(ancestor_pid: int | None = None, *, sig: int = signal.SIGKILL) -> None:
@@ -57,11 +61,11 @@ def ignore_stop_signals() -> None:
     A signal sent to a whole process group (Ctrl-C in a terminal, torchrun's shutdown of its
     workers) reaches the DataLoader workers too; without this a worker dies and the training
     process's next batch raises, before :class:`~batteries.StopOnSignal` could save a checkpoint.
-    ``make_loader`` calls it in its forkserver and workers; they die with the training process.
+    ``make_loader`` calls it in its workers (its forkserver starts with them blocked); they die with
+    the training process.
     """
-    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_IGN)
 
 
 def _start_forkserver() -> None:
@@ -81,8 +85,7 @@ def _start_forkserver() -> None:
     # first the resource tracker the server needs: starting it unblocks SIGINT and SIGTERM in this
     # thread (Python's own fix for the same race, bpo-33613), which would undo the mask below
     multiprocessing.resource_tracker.ensure_running()
-    blocked = {getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name)}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         multiprocessing.forkserver.ensure_running()
     finally:

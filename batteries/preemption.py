@@ -21,15 +21,11 @@ import torch
 import torch.distributed as dist
 
 from batteries._checks import check_int, check_number
-from batteries.data import die_with_parent
+from batteries.data import STOP_SIGNALS, die_with_parent
 
 __all__ = ["StopOnSignal", "STOP_SIGNALS"]
 
 _ACTIVE: list[StopOnSignal] = []  # the instance whose handlers are installed (signals are per process)
-
-STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
-    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name)
-)
 
 
 class StopOnSignal:
