@@ -14,6 +14,8 @@ import importlib
 import math
 import os
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
@@ -523,9 +525,6 @@ def _fresh_group_store(rank: int, world_size: int, timeout: datetime.timedelta) 
     earlier attempt can have written to. So no rank acts on a key an earlier attempt wrote: a rank's
     answer is keyed by its own fresh token, and rank 0 stops only on acknowledgements under the new id.
     """
-    import time
-    import uuid
-
     address, port = os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 0)
     store = dist.TCPStore(host_name=address, port=port, world_size=world_size, is_master=False, timeout=timeout)
     if rank == 0:
