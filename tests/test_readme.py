@@ -1,4 +1,5 @@
-"""The README's promises that code can check: every name it maps the original toolkit to exists."""
+"""The README's promises that code can check: its examples run as written, its links resolve, and every name
+docs/migration.md maps the original toolkit to exists."""
 
 import importlib
 import re
@@ -6,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+MIGRATION = (ROOT / "docs" / "migration.md").read_text()  # the README's former "Coming from the original batteries"
 
 # the public names of the original toolkit and its later additions (item 21 of issue 8)
 ORIGINAL_NAMES = [
@@ -28,15 +31,18 @@ def section(title):
     return README[start : README.index("\n## ", start + 1)]
 
 
+def test_the_readme_links_to_the_migration_table():
+    assert "(docs/migration.md)" in README
+
+
 def test_every_original_name_is_mapped():
-    table = section("Coming from the original batteries")
-    missing = [name for name in ORIGINAL_NAMES if not re.search(rf"\b{re.escape(name)}\b", table)]
+    missing = [name for name in ORIGINAL_NAMES if not re.search(rf"\b{re.escape(name)}\b", MIGRATION)]
     assert missing == []
-    assert [library for library in LIBRARIES if library not in table] == []
+    assert [library for library in LIBRARIES if library not in MIGRATION] == []
 
 
 def now_column_names():
-    rows = [line.split("|") for line in section("Coming from the original batteries").splitlines()]
+    rows = [line.split("|") for line in MIGRATION.splitlines()]
     return sorted({name for row in rows if len(row) > 3 for name in re.findall(r"`(batteries(?:\.\w+)+)`", row[2])})
 
 
@@ -76,3 +82,78 @@ def test_the_preemption_snippet_runs_as_written_and_stops_on_sigterm(tmp_path):
     assert process.returncode == 143, stderr
     state = torch.load(tmp_path / "checkpoints" / "step.pth", weights_only=True)
     assert 1 <= state["step"] < 200_000 and "model_state_dict" in state
+
+
+def python_block(title):
+    return section(title).split("```python\n")[1].split("```")[0]
+
+
+def run_python(args, cwd, timeout=240):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_resume_snippet_runs_as_written_and_continues_a_stopped_run(tmp_path):
+    """Stopped after epoch 5, the snippet as written continues at epoch 6; run again, it has nothing left to do."""
+    import json
+
+    code = python_block("Resume")
+    assert "range(first, 11)" in code
+    for source in (code.replace("range(first, 11)", "range(first, 6)"), code, code):
+        result = run_python(["-c", source], tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((tmp_path / "checkpoints" / "metrics.json").read_text())["values"]
+    assert [record["epoch"] for record in history] == list(range(1, 11))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_the_distributed_snippet_runs_as_written_under_python_and_torchrun(tmp_path, world_size):
+    from spawn import free_port
+
+    (tmp_path / "train.py").write_text(python_block("Distributed training"))
+    launcher = ["-m", "torch.distributed.run", "--master_port", str(free_port()), f"--nproc_per_node={world_size}"]
+    result = run_python([*(launcher if world_size > 1 else []), "train.py"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.findall(r"INFO epoch (\d): loss", result.stderr) == ["1", "2", "3"]  # rank 0 only
+    assert (tmp_path / "checkpoints" / "last.pth").is_file()
+
+
+DOCUMENTS = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+             *sorted((ROOT / "examples").glob("*/README.md"))]  # fmt: skip
+
+
+def outside_code(text):
+    """The lines of a markdown text outside fenced code blocks."""
+    lines, fenced = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            lines.append(line)
+    return lines
+
+
+def anchors(path):
+    """GitHub's anchors for the headings of a markdown file."""
+    headings = [line.lstrip("#").strip() for line in outside_code(path.read_text()) if line.startswith("#")]
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_every_relative_link_resolves(document):
+    broken = []
+    for line in outside_code(document.read_text()):
+        for target in re.findall(r"\]\(([^)\s]+)\)", line):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:
+            path, _, anchor = target.partition("#")
+            resolved = (document.parent / path).resolve() if path else document
+            if not resolved.exists() or (anchor and resolved.suffix == ".md" and anchor not in anchors(resolved)):
+                broken.append(target)
+    assert broken == []
+
+
+def test_the_readme_stays_at_most_16_kb():
+    assert (ROOT / "README.md").stat().st_size <= 16 * 1024, "move depth to docs/ and link it"
