@@ -48,16 +48,12 @@ def _keep_attributes(source: Any, new: Any) -> Any:
 def t2d(data: Any, device: str | int | torch.device, non_blocking: bool = False) -> Any:
     """Move every tensor inside ``data`` to ``device``, keeping the container types.
 
-    Walks dicts (and other mappings), lists, tuples, namedtuples and dataclass instances,
-    recursively. Tensors (and ``PackedSequence``) are moved with ``.to(device, non_blocking=...)``.
-    Any other object with its own ``.to`` method (a tokenizer's ``BatchEncoding``, a graph batch)
-    is moved by it: ``.to(device)``, plus ``non_blocking=True`` when asked for and its signature
-    accepts it. Any other leaf (``str``, ``int``, ``None``, NumPy arrays, ...) is returned
-    unchanged, never replaced with ``None``.
-
-    Types never change, and neither do instance attributes: a ``Counter``, an ``OrderedDict``
-    (with the ``_metadata`` of a ``state_dict``), a ``defaultdict`` (with its factory) or a dict
-    subclass with attributes comes back as the same type with the same attributes.
+    Walks mappings, lists, tuples, namedtuples and dataclass instances, recursively. Tensors and
+    ``PackedSequence`` are moved with ``.to``; any other object with its own ``.to`` (a tokenizer's
+    ``BatchEncoding``, a graph batch) by it, with ``non_blocking=True`` only where its signature
+    accepts it. Any other leaf (``str``, ``int``, ``None``, NumPy arrays, ...) is returned unchanged.
+    Container types and instance attributes are kept (a ``defaultdict`` keeps its factory, a
+    state dict's ``OrderedDict`` its ``_metadata``).
 
     Args:
         data: a tensor or a nested container of tensors.

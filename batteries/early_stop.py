@@ -19,8 +19,7 @@ class EarlyStopIndicator:
 
     Args:
         patience: non-improving calls tolerated (int >= 0, Python or NumPy). Default 5.
-        metric_minimization: True if lower is better; only ``True`` / ``False`` (``"False"`` or
-            ``None`` would silently mean the opposite or nothing). Default True.
+        metric_minimization: True if lower is better; a bool only. Default True.
         minimum_change: margin an improvement must exceed (>= 0). Default 0.0.
 
     Raises:

@@ -19,10 +19,9 @@ class EMA(nn.Module):
 
     ``ema = decay * ema + (1 - decay) * weights`` for floating-point parameters and buffers;
     integer buffers (e.g. ``num_batches_tracked``) are copied. A tensor shared under several names
-    (tied weights, e.g. an output layer that reuses the embedding) is updated once per update. The
-    averaged copy lives in
-    ``.module`` (eval mode, no gradients) and is a ``nn.Module``, so ``ema.module(x)`` evaluates
-    it and ``state_dict()`` / ``load_state_dict()`` save and restore it.
+    (tied weights) is updated once per update. The averaged copy lives in ``.module`` (eval mode,
+    no gradients); ``ema.module(x)`` evaluates it and ``state_dict()`` / ``load_state_dict()`` save
+    and restore it.
 
     Args:
         model: the model to average (bare or wrapped; it is unwrapped and deep-copied).

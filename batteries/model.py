@@ -33,7 +33,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def strip_prefixes(state_dict: Mapping[str, Any], target_keys: set[str]) -> Mapping[str, Any]:
-    """Drop ``module.`` / ``_orig_mod.`` prefixes a wrapped model's state dict carries."""
+    """Drop the ``module.`` / ``_orig_mod.`` prefixes a wrapped model's state dict carries.
+
+    Args:
+        state_dict: a model state dict, maybe saved from a wrapped model.
+        target_keys: keys of the model to load into; a prefix all keys share is dropped
+            until some key is one of them.
+
+    Returns:
+        ``state_dict`` itself if nothing was dropped, else a new ``OrderedDict``.
+    """
     while state_dict and not (set(state_dict) & target_keys):
         for prefix in WRAPPER_PREFIXES:
             if all(key.startswith(prefix) for key in state_dict):

@@ -20,13 +20,8 @@ class tqdm(_tqdm):  # noqa: N801 - the name users import
     """``tqdm.autonotebook.tqdm`` that is silent on ranks other than 0 and sizes itself to the terminal.
 
     Takes every argument ``tqdm`` takes. ``disable`` defaults to ``not is_main_process()``,
-    ``dynamic_ncols`` to True.
-
-    The base is the terminal (or notebook) bar, not ``tqdm.auto``'s asyncio subclass: that one
-    calls ``iter()`` on the iterable in its constructor, which over a ``DataLoader`` with workers
-    starts a second set of workers and draws a seed from the global torch RNG, so adding a bar
-    would change the batches and every random number after them. This bar leaves the iterable
-    alone until the loop iterates it (it may call ``len()``).
+    ``dynamic_ncols`` to True. The iterable is left alone until the loop iterates it (``len()``
+    aside), so adding a bar changes no batch and no random number.
 
     Args:
         *args: passed to ``tqdm`` (the iterable first).

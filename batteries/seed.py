@@ -27,14 +27,9 @@ def seed_all(seed: int = 42, deterministic: bool = False) -> int:
     """Seed ``random``, NumPy and torch (CPU and every CUDA device) with ``seed``.
 
     ``torch.manual_seed(seed)`` is called with ``seed`` itself, so results match other code seeded
-    the same way.
-
-    Used as a DataLoader ``worker_init_fn`` (``DataLoader(..., worker_init_fn=seed_all)``), the
-    argument is the worker id, and reseeding every worker with it would repeat the same
-    augmentations every epoch. Inside a worker, ``seed_all`` therefore ignores its argument and
-    seeds ``random`` and NumPy from the worker's own torch seed (``torch.utils.data.get_worker_info().seed``,
-    which PyTorch derives from the loader's generator and the worker id): workers differ from each
-    other and from epoch to epoch, and repeat exactly once the main process is seeded again.
+    the same way. Inside a DataLoader worker (``worker_init_fn=seed_all``) the argument, the worker
+    id, is ignored: ``random`` and NumPy are seeded from the worker's own torch seed
+    (``get_worker_info().seed``), so workers differ from each other and from epoch to epoch.
 
     Args:
         seed: an int in ``[0, 2**32 - 1]`` (the range NumPy accepts). Default 42.

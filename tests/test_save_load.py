@@ -9,6 +9,7 @@ import pickle
 import resource
 import signal
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -323,6 +324,26 @@ def test_only_a_refused_class_gets_the_weights_only_advice(tmp_path):
     assert str(info.value).count("weights_only=False") == 1  # ours, and not torch's too
     assert "`weights_only` set to `False`" not in str(info.value)
     assert load_checkpoint(tmp_path / "marked.pth", weights_only=False, verbose=False)["w"].sum() == 2
+
+
+def test_a_zip_whose_pickle_is_malformed_is_corrupt_with_no_advice(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "good.pth")
+    good = zipfile.ZipFile(tmp_path / "good.pth")
+    with zipfile.ZipFile(tmp_path / "bad.pth", "w") as bad:
+        for info in good.infolist():
+            malformed = info.filename.endswith("/data.pkl")
+            bad.writestr(info, b"\x80\x02}q\x00(X\x01\x00\x00\x00w\xff\xff" if malformed else good.read(info))
+    with pytest.raises(RuntimeError, match="bad.pth.*corrupt") as info:
+        load_checkpoint(tmp_path / "bad.pth", verbose=False)
+    assert "weights_only=False" not in str(info.value) and "`weights_only` set to `False`" not in str(info.value)
+
+
+def test_a_refused_legacy_format_file_gets_the_advice(tmp_path):
+    torch.save({"w": torch.ones(2).as_subclass(Marked)}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    with pytest.raises(pickle.UnpicklingError, match="old.pth") as info:
+        load_checkpoint(tmp_path / "old.pth", verbose=False)
+    assert str(info.value).count("weights_only=False") == 1
+    assert load_checkpoint(tmp_path / "old.pth", weights_only=False, verbose=False)["w"].sum() == 2
 
 
 def test_torch_save_disk_full_is_an_oserror_naming_the_file(tmp_path):
