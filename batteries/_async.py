@@ -21,27 +21,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from batteries._compat import atexit_handler_count, run_exit_handlers
+
 
 def snapshot(obj: Any, buffers: list[torch.Tensor] | None = None) -> Any:
     """A copy of ``obj`` whose tensors are CPU copies and whose containers are new.
 
-    Taken in the caller, so that training may change the model's tensors in place right after:
-    the file then stores what ``torch.save(obj)`` at the call would have stored. With ``buffers``
-    (the previous snapshot's tensors, in traversal order), a tensor of the same shape and dtype is
-    copied into its old buffer instead of fresh memory: no page faults, which cost more than the
-    copy itself. The list is updated in place.
+    The file written from it stores what ``torch.save(obj)`` at the call would have stored, even if
+    training changes the tensors in place right after. Containers keep their type and attributes
+    (``copy.copy`` of a dict or list subclass, then its items replaced; tuples and namedtuples
+    rebuilt); an ``nn.Parameter`` stays one and a tensor keeps its ``requires_grad``; any other
+    object (an ``nn.Module``, a dataclass) is copied whole with ``copy.deepcopy``, its tensors left
+    on their device. Tensors that are the same view of the same memory (tied weights) become one
+    copy; views that only overlap, and conjugate or negative views, are copied separately.
 
-    Containers keep their type and attributes: a dict or list subclass is shallow-copied
-    (``copy.copy``: a ``Counter``, a ``defaultdict`` with its ``default_factory``, an ``OrderedDict``
-    state dict with its ``_metadata``, a list subclass's attributes) before its items are replaced
-    by their snapshots; namedtuples and tuples are rebuilt as their own type. An ``nn.Parameter``
-    stays one, and a tensor keeps its ``requires_grad``. Any other object (an ``nn.Module``, a
-    dataclass instance) is copied whole with ``copy.deepcopy``: its tensors stay on their device.
+    Args:
+        obj: what to save: nested dicts, lists, tuples, tensors and other objects.
+        buffers: the previous snapshot's CPU tensors, in traversal order: a tensor of the same shape
+            and dtype is copied into its old buffer. Updated in place. Default None (fresh memory).
 
-    Tensors that are the same view of the same memory (tied weights: an embedding and the output
-    layer that shares it) become one copy, so the file stores them once and a load ties them again,
-    as ``torch.save`` of the originals does. Views that only overlap are copied separately, and so
-    are conjugate and negative views (``z.conj()``), which hold other values than their base.
+    Returns:
+        The copy.
 
     Raises:
         Exception: what ``copy.deepcopy`` raises for an object it cannot copy (e.g. a lock).
@@ -73,19 +73,8 @@ def snapshot(obj: Any, buffers: list[torch.Tensor] | None = None) -> Any:
         nonlocal index
         if buffers is None or tensor.layout != torch.strided:
             return tensor.to("cpu", copy=True)
-        position, index = index, index + 1
-        if (
-            position < len(buffers)
-            and buffers[position].shape == tensor.shape
-            and buffers[position].dtype == tensor.dtype
-        ):
-            return buffers[position].copy_(tensor)
-        fresh = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu").copy_(tensor)
-        if position < len(buffers):
-            buffers[position] = fresh
-        else:
-            buffers.append(fresh)
-        return fresh
+        index += 1
+        return _copy_into(buffers, index - 1, tensor)
 
     def walk(value: Any) -> Any:
         if type(value) in _IMMUTABLE:
@@ -109,6 +98,18 @@ def snapshot(obj: Any, buffers: list[torch.Tensor] | None = None) -> Any:
 
 
 _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+def _copy_into(buffers: list[torch.Tensor], position: int, tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of ``tensor`` in ``buffers[position]``: the old buffer if shape and dtype match, else new memory."""
+    if position < len(buffers) and buffers[position].shape == tensor.shape and buffers[position].dtype == tensor.dtype:
+        return buffers[position].copy_(tensor)
+    fresh = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu").copy_(tensor)
+    if position < len(buffers):
+        buffers[position] = fresh
+    else:
+        buffers.append(fresh)
+    return fresh
 
 
 # Every job whose outcome (its error, if it failed) no caller has seen yet, whichever writer ran it.
@@ -172,17 +173,13 @@ DEFAULT_WRITER = AsyncWriter()
 
 
 def _report_at_exit() -> None:
-    """Interpreter exit: report every background save that failed unseen, then exit with status 1.
+    """Interpreter exit: print every background save that failed unseen to stderr, then exit with status 1.
 
-    By exit time the writer threads have finished (``concurrent.futures`` joins them before the
-    exit handlers run). A failure's traceback is printed to stderr. Python cannot change the exit
-    status from an exit handler, so the process then ends with ``os._exit(1)``. This handler is
-    kept the newest one (registered again at a submit when another was registered since), so it
-    runs first and, before ``os._exit``, runs the other exit handlers (logging, multiprocessing,
-    torch, the user's) once each; if one was registered after the last submit, some have run
-    already and the rest are skipped rather than any run twice. Standard output and error are flushed.
+    Kept the newest exit handler (the first to run), it runs the other exit handlers once each
+    before ``os._exit(1)``; if one was registered after the last submit, some have run already and
+    the rest are skipped rather than any run twice. See docs/processes.md.
     """
-    if _exiting:  # called again by the _run_exitfuncs below
+    if _exiting:  # called again by run_exit_handlers below
         return
     with _unreported_lock:
         futures = list(_unreported)
@@ -199,7 +196,7 @@ def _report_at_exit() -> None:
         traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
     _exiting.append(True)
     if _newest_registered():
-        atexit._run_exitfuncs()  # the others, once each: nothing runs after os._exit
+        run_exit_handlers()  # the others, once each: nothing runs after os._exit
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -213,8 +210,8 @@ _registered_at: list[int | None] = [None]  # the number of exit handlers right a
 
 
 def _newest_registered() -> bool:
-    count = getattr(atexit, "_ncallbacks", None)
-    return count is not None and count() == _registered_at[0]
+    count = atexit_handler_count()
+    return count is not None and count == _registered_at[0]
 
 
 def _run_report_first() -> None:
@@ -223,8 +220,7 @@ def _run_report_first() -> None:
         return
     atexit.unregister(_report_at_exit)
     atexit.register(_report_at_exit)
-    count = getattr(atexit, "_ncallbacks", None)
-    _registered_at[0] = count() if count is not None else None
+    _registered_at[0] = atexit_handler_count()
 
 
 _run_report_first()

@@ -131,23 +131,3 @@ def remove_durably(paths: list[Path]) -> None:
         folders.add(path.parent)
     for folder in folders:
         fsync_dir(folder)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this machine: not when it is gone or a zombie (ended, not yet
-    reaped by its parent); yes when it exists but may not be signalled (another user's)."""
-    if os.path.isdir("/proc/self"):  # Linux: sees zombies too
-        try:
-            with open(f"/proc/{pid}/stat", encoding="ascii") as file:
-                return file.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-        except FileNotFoundError:
-            return False
-        except (OSError, IndexError):  # unreadable: ask the kernel below
-            pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True

@@ -1,13 +1,8 @@
-"""Processes that die with their parent: the DataLoader forkserver and its workers (``data.make_loader``).
+"""Imported by the DataLoader forkserver only (``data.make_loader``'s preload list): the server dies with its parent.
 
-Python's forkserver, and the DataLoader workers it forks, stay alive forever when the training
-process is killed (``kill -9``, SIGTERM): the server keeps serving, and a worker that sees its
-parent gone hangs on exit flushing a queue nobody reads. They hold memory and the caller's output
-pipes. On Linux, ``PR_SET_PDEATHSIG`` makes the kernel send SIGKILL to a process when its parent
-dies: importing this module sets it for the forkserver (whose parent is the training process), and
-``data.make_loader``'s worker init for each worker (whose parent is the server), so the whole tree goes.
+A separate module because importing it has this effect; see docs/processes.md.
 """
 
-from batteries.data import die_with_parent
+from batteries._process import die_with_parent
 
-die_with_parent()  # imported by the forkserver only (its preload list), never by the training process
+die_with_parent()  # never imported by the training process, which must not die with its launcher

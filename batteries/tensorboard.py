@@ -1,10 +1,8 @@
 """TensorBoard scalars on global rank 0 that cost the training loop about a microsecond each.
 
-``add_scalar`` / ``add_metric`` check the value and append ``(tag, value, step, wall time)`` to a
-queue; a background thread builds the events and writes them into tensorboardX's event file. A
-0-d tensor on a GPU is kept as a tensor and read later, with the others of its batch, in one copy:
-logging a loss every step costs no host synchronisation. tensorboardX is imported when the first
-logger is built, so importing ``batteries`` stays cheap.
+``add_scalar`` / ``add_metric`` check the value and queue it; a background thread builds the
+events and writes them into tensorboardX's event file, reading device tensors in one copy per
+batch. tensorboardX is imported when the first logger is built. See docs/processes.md.
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ import torch
 
 from batteries import distributed
 from batteries._checks import check_number
+from batteries._compat import event_file_writer, tensor_version
 
 __all__ = ["TensorboardLogger"]
 
@@ -52,7 +51,7 @@ def _value(value: Any, tag: str) -> Any:
         if value.is_cpu and _READ_CPU_TENSORS_AT_CALL:
             return value.item()
         # detached: a pending value never holds an autograd graph; inference tensors have no version
-        return value.detach(), None if value.is_inference() else value._version
+        return value.detach(), None if value.is_inference() else tensor_version(value)
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
         return float(value)
     if isinstance(value, np.ndarray) and value.size != 1:
@@ -88,7 +87,7 @@ class _Writer:
     Holds no reference to the ``TensorboardLogger``, so a dropped logger is collected and flushed.
     """
 
-    def __init__(self, writer: Any, flush_secs: float, purge_step: int | None) -> None:
+    def __init__(self, writer: Any, flush_secs: float, purge_step: int | None, *, comet: bool) -> None:
         from tensorboardX.proto import event_pb2, summary_pb2
 
         self.writer = writer
@@ -101,12 +100,9 @@ class _Writer:
         self._pid = os.getpid()  # a forked child never writes nor closes the parent's file
         self._tags: dict[str, str] = {}
         self._changed: set[str] = set()
-        # tensorboardX's own file writer: events written here skip its multiprocessing queue (about
-        # 200 us an event). Without one (write_to_disk=False, comet, a tensorboardX that moved it),
-        # events go through writer.add_scalar, slower but the same.
-        events = getattr(getattr(writer.file_writer, "event_writer", None), "_ev_writer", None)
-        comet = getattr(writer, "_comet_config", None) or {"disabled": True}
-        self._events = events if callable(getattr(events, "write_event", None)) and comet.get("disabled") else None
+        # events written straight into tensorboardX's event file skip its process queue; without that
+        # writer (write_to_disk=False, comet on, a tensorboardX that moved it) they go through add_scalar
+        self._events = None if comet else event_file_writer(writer)
         if purge_step is not None:
             # as SummaryWriter(purge_step=...) does, but written before any of our events
             start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
@@ -174,7 +170,7 @@ class _Writer:
             for indices in by_device.values():
                 for index in indices:
                     tensor, version = values[index]
-                    if version is not None and tensor._version != version and tags[index] not in self._changed:
+                    if version is not None and tensor_version(tensor) != version and tags[index] not in self._changed:
                         self._changed.add(tags[index])
                         log.warning(
                             "TensorboardLogger: the tensor logged as %r was changed in place before it was written, "
@@ -216,25 +212,17 @@ def _clean_tag(tag: str) -> str:
 class TensorboardLogger:
     """TensorBoard scalars from the training loop at about a microsecond a call, written on global rank 0.
 
-    ``add_scalar`` and ``add_metric`` only check the value and queue it with its step and the wall
-    time of the call; a background thread builds the events and appends them to tensorboardX's event
-    file every ``flush_secs``, or as soon as 4096 records are pending. A 0-d tensor on a GPU is not
-    read at the call (no host synchronisation): it is read when written, together with the others
-    of its batch, in one copy. ``flush()``, ``close()``, the end of a ``with`` block, a logger that
-    is garbage-collected and interpreter exit (an exception included) write everything; only a
-    process killed outright (``kill -9``, a segfault, the out-of-memory killer) loses what was
-    logged in its last ``flush_secs``. The event files are those ``SummaryWriter.add_scalar``
-    writes: same tags, steps, values and wall times.
-
-    On ranks other than 0, ``writer`` is None, no file is created and ``add_scalar`` /
-    ``add_metric`` only check their arguments. Anything else ``SummaryWriter`` offers is
-    ``logger.writer.add_histogram(...)`` and so on, on rank 0.
+    Calls queue the value with its step and wall time; a background thread writes the events
+    every ``flush_secs``, or once 4096 records are pending. A 0-d GPU tensor is read then, with
+    the others of its batch, in one copy (no host synchronisation at the call). ``flush()``,
+    ``close()``, a ``with`` block, garbage collection and interpreter exit write everything; a
+    process killed outright loses at most its last ``flush_secs``. The event files hold what
+    ``SummaryWriter.add_scalar`` writes. On other ranks ``writer`` is None and no file is created;
+    on rank 0, ``logger.writer`` offers the rest of ``SummaryWriter`` (``add_histogram``, ...).
 
     Args:
         logdir: folder of the TensorBoard run.
-        flush_secs: seconds between writes to the event file, as tensorboardX's ``flush_secs``
-            (default 120, tensorboardX's and PyTorch's). Writing is cheap; a shorter interval only
-            shows curves sooner and narrows what a killed process loses.
+        flush_secs: seconds between writes to the event file (default 120, as tensorboardX).
         **kwargs: passed to ``SummaryWriter`` (``purge_step`` when resuming, ``filename_suffix``, ...).
 
     Raises:
@@ -263,8 +251,9 @@ class TensorboardLogger:
             from tensorboardX import SummaryWriter
 
             purge_step = _step(kwargs.pop("purge_step", None))
+            comet = not (kwargs.get("comet_config") or {"disabled": True}).get("disabled")
             self.writer = SummaryWriter(logdir=str(self.logdir), flush_secs=flush_secs, **kwargs)
-            self._background = _Writer(self.writer, flush_secs, purge_step)
+            self._background = _Writer(self.writer, flush_secs, purge_step, comet=comet)
             self._queue = self._background.queue
             self._finalizer = weakref.finalize(self, self._background.close)
             self._finalizer.atexit = False  # the writer's own atexit hook runs before tensorboardX's

@@ -267,7 +267,7 @@ def test_purge_step_hides_the_steps_of_the_abandoned_run(tmp_path):
 
 def test_this_tensorboardx_gets_the_fast_path(tmp_path):
     # events are written straight into tensorboardX's event file; if a tensorboardX release moves
-    # its writer, the logger falls back to SummaryWriter.add_scalar (about 50x slower to write)
+    # its writer, the logger falls back to SummaryWriter.add_scalar (several times slower to write)
     with TensorboardLogger(tmp_path) as tb:
         assert tb._background._events is not None
 
