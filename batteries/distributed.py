@@ -1,8 +1,7 @@
-"""Rank helpers and collectives that degrade to one process.
+"""Rank helpers and collectives that degrade to one process: the toolkit's every use of ``torch.distributed``.
 
-Every helper works without an initialised process group (rank 0, world size 1, ``barrier`` a
-no-op, ``all_gather`` returning ``[obj]``), on gloo (CPU tensors) and NCCL (the current CUDA device)
-alike. All rank logic of the toolkit lives here.
+Without a process group: rank 0, world size 1, ``barrier`` a no-op, ``all_gather`` returns ``[obj]``;
+gloo and NCCL alike. The samplers of :mod:`batteries.sampler` are importable from here too.
 """
 
 from __future__ import annotations
@@ -11,8 +10,9 @@ import contextlib
 import datetime
 import gc
 import importlib
-import math
+import itertools
 import os
+import pickle
 import threading
 import time
 import uuid
@@ -21,28 +21,17 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler, Sampler
 
 from batteries._checks import check_bool, check_int, check_number
 
+# fmt: off
 __all__ = [
-    "get_rank",
-    "get_local_rank",
-    "get_world_size",
-    "is_main_process",
-    "is_initialized",
-    "barrier",
-    "collective_device",
-    "all_gather",
-    "sreduce",
-    "mreduce",
-    "zero_rank_first",
-    "broadcast_buffers",
-    "DistributedEvalSampler",
-    "DistributedTrainSampler",
-    "init_distributed",
-    "cleanup_distributed",
+    "get_rank", "get_local_rank", "get_world_size", "is_main_process", "is_initialized", "barrier",
+    "all_gather", "sreduce", "mreduce", "zero_rank_first", "broadcast_buffers", "collective_device",
+    "gloo_group", "all_reduce_max_async", "gather_on_main", "init_distributed", "cleanup_distributed",
+    "DistributedEvalSampler", "DistributedTrainSampler",  # noqa: F822 - batteries.sampler's, through __getattr__
 ]
+# fmt: on
 
 T = TypeVar("T")
 
@@ -63,11 +52,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 def get_rank() -> int:
-    """Global rank of this process.
-
-    The process group's rank when one is initialised; otherwise ``RANK`` from the environment
-    (set by torchrun before the group exists), else 0.
-    """
+    """Global rank: the process group's when one exists, else ``RANK`` (torchrun sets it early), else 0."""
     if is_initialized():
         return dist.get_rank()
     return _env_int("RANK", 0)
@@ -97,24 +82,84 @@ def barrier() -> None:
 
 
 def collective_device() -> torch.device:
-    """The device whose tensors this process's collectives take.
-
-    NCCL works on the current CUDA device (``torch.cuda.set_device``); gloo, and a process without
-    a group, on the CPU.
-
-    Returns:
-        ``cuda:<current device>`` under NCCL, else ``cpu``.
-    """
+    """The device collectives take tensors on: ``cuda:<current device>`` under NCCL, else the CPU."""
     if is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def all_gather(obj: T) -> list[T]:
-    """Gather any picklable object from every rank.
+def gloo_group(*, dedicated: bool = False) -> dist.ProcessGroup | None:
+    """The CPU process group for small agreements between ranks (as torchtnt's ``get_or_create_gloo_pg``).
 
-    Built on ``torch.distributed.all_gather_object``: objects may differ in size between ranks. On
-    NCCL the current CUDA device (``torch.cuda.set_device``) carries the bytes; on gloo the CPU.
+    Creating a group is a collective: call it on every rank, in the same order.
+
+    Args:
+        dedicated: a new gloo group that no other collective shares (e.g. for background saves),
+            even if the default group is gloo. Default False.
+
+    Returns:
+        None without a process group of more than one rank, else the gloo group.
+    """
+    dedicated = check_bool(dedicated, "dedicated")
+    if not is_initialized() or dist.get_world_size() == 1:
+        return None
+    if not dedicated and dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")
+
+
+def all_reduce_max_async(tensor: torch.Tensor, group: Any) -> Any:
+    """Start an element-wise MAX all-reduce of ``tensor`` in place on ``group`` (e.g. :func:`gloo_group`).
+
+    Returns the reduction's handle: its ``wait()`` returns once ``tensor`` holds the result.
+    """
+    return dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group, async_op=True)
+
+
+_store_gathers = itertools.count()  # calls of gather_on_main in this process: the same sequence on every rank
+
+
+def gather_on_main(obj: T, *, timeout_s: float, what: str = "the objects") -> list[T | None]:
+    """Every rank's ``obj`` on rank 0 through the default group's key-value store; no collective runs.
+
+    Call it the same number of times on every rank (keys are numbered by calls). Rank 0 waits at
+    most ``timeout_s`` for the others; the other ranks return at once. Rank 0 alone cannot hang.
+    ``what`` names the objects in the timeout's message.
+
+    Returns:
+        ``world_size`` items, index = rank; other ranks than 0 get only their own (the rest None).
+
+    Raises:
+        TimeoutError: on rank 0, naming the ranks whose objects did not come within ``timeout_s``.
+        ValueError: if the environment says several ranks but no process group exists.
+    """
+    world_size, rank = get_world_size(), get_rank()
+    if world_size == 1:
+        return [obj]
+    if not is_initialized():
+        raise ValueError("Default process group has not been initialized, please make sure to call init_process_group.")
+    store = dist.group.WORLD.get_group_store()  # the store init_process_group formed the default group with
+    prefix = f"batteries/gather_on_main/{next(_store_gathers)}"
+    gathered: list[Any] = [obj if other == rank else None for other in range(world_size)]
+    if rank != 0:
+        store.set(f"{prefix}/{rank}", pickle.dumps(obj))
+        return gathered
+    keys = {other: f"{prefix}/{other}" for other in range(1, world_size)}
+    try:
+        store.wait(list(keys.values()), datetime.timedelta(seconds=timeout_s))
+    except RuntimeError:  # DistStoreError: a timeout
+        late = [other for other, key in keys.items() if not store.check([key])]
+        raise TimeoutError(f"waited {timeout_s:g} s on rank 0 for {what} of rank(s) {late}") from None
+    for other, key in keys.items():
+        gathered[other] = pickle.loads(store.get(key))  # noqa: S301 - written by this job's own ranks
+        store.delete_key(key)
+    return gathered
+
+
+def all_gather(obj: T) -> list[T]:
+    """Gather any picklable object from every rank (objects may differ in size between ranks).
+
+    On NCCL the current CUDA device (``torch.cuda.set_device``) carries the bytes; on gloo the CPU.
 
     Args:
         obj: any picklable object (tensors, strings, dicts, ...).
@@ -133,8 +178,7 @@ def sreduce(tensor: torch.Tensor) -> torch.Tensor:
     """Sum of ``tensor`` over all ranks.
 
     Args:
-        tensor: any shape, on a device the backend supports (CPU for gloo, CUDA for NCCL); left
-            unchanged.
+        tensor: any shape, on the backend's device (CPU for gloo, CUDA for NCCL); left unchanged.
 
     Returns:
         A new tensor, same shape, dtype and device as ``tensor``.
@@ -171,17 +215,15 @@ def mreduce(tensor: torch.Tensor, num: int) -> torch.Tensor:
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Copy ``src``'s buffers (e.g. BatchNorm running statistics) to every rank, in place.
 
-    Without SyncBatchNorm each rank updates its running statistics from its own batches, so after
-    training the ranks evaluate slightly different models. Call this before a distributed
-    evaluation so every rank evaluates the model that rank ``src`` saves. No-op in one process.
+    Call it before a distributed evaluation without SyncBatchNorm, so that every rank evaluates the
+    model rank ``src`` saves. No-op in one process.
 
     Args:
         module: the (unwrapped) model.
         src: the rank whose buffers win. Default 0.
 
     Raises:
-        TypeError: if ``src`` is not an int.
-        ValueError: if ``src`` is negative.
+        TypeError / ValueError: if ``src`` is not an int >= 0.
     """
     src = check_int(src, "src", minimum=0)
     if not is_initialized() or dist.get_world_size() == 1:
@@ -197,23 +239,16 @@ _nesting = threading.local()  # .by_local_rank: how the zero_rank_first block th
 def zero_rank_first(local_rank: int | None = None) -> Iterator[None]:
     """Run the body on the first rank, then on the others (download or prepare data once).
 
-    Without ``local_rank`` the first rank is global rank 0; with it, local rank 0 of every node
-    goes first (one copy per node, for nodes without a shared disk). The others wait in a
-    collective that also carries the first ranks' outcome: if the body raises on a first rank, the
-    waiting ranks get a ``RuntimeError`` instead of hanging, and the first rank re-raises its own
-    error. Without a process group the body simply runs.
-
-    Blocks may nest (e.g. a helper that uses one, called inside another): an inner block ordered
-    the same way as the outer one runs as part of it, with no collective of its own, so the first
-    rank leaves the outer block before any other rank enters it. An inner block ordered the other
-    way (global inside per-node or the reverse) cannot keep its order there and is refused.
+    The first rank is global rank 0, or with ``local_rank`` local rank 0 of every node (one copy per
+    node). If the body raises on a first rank, the waiting ranks get a ``RuntimeError`` instead of
+    hanging. A nested block of the same kind runs as part of the outer one; one of the other kind
+    is refused. Without a process group the body simply runs.
 
     Args:
         local_rank: this process's local rank, or None to order by global rank. Default None.
 
     Raises:
-        TypeError: if ``local_rank`` is neither None nor an int.
-        ValueError: if ``local_rank`` is negative.
+        TypeError / ValueError: if ``local_rank`` is not None or an int >= 0.
         RuntimeError: on waiting ranks, if the body raised on a first rank; on entering a block
             nested in one that orders the ranks the other way.
     """
@@ -253,223 +288,23 @@ def zero_rank_first(local_rank: int | None = None) -> Iterator[None]:
         _nesting.by_local_rank = None
 
 
-class DistributedEvalSampler(Sampler[int]):
-    """Sampler for evaluation that gives every sample to exactly one rank (no padding).
+def __getattr__(name: str) -> Any:
+    """The samplers, from :mod:`batteries.sampler` (imported on first use: no import cycle)."""
+    if name in ("DistributedEvalSampler", "DistributedTrainSampler"):
+        from batteries import sampler
 
-    ``DistributedSampler`` pads the dataset to a multiple of ``world_size`` by repeating samples,
-    so metrics computed on it count some samples twice. This sampler gives rank ``r`` the indices
-    ``r, r + world_size, r + 2 * world_size, ...``: ranks may get one sample less than others, and
-    gathered metrics equal single-process ones. Use it only where no collective runs per batch
-    (evaluation without SyncBatchNorm in train mode).
-
-    Args:
-        dataset: a sized dataset.
-        num_replicas: number of ranks; default ``get_world_size()``.
-        rank: this rank; default ``get_rank()``.
-
-    Raises:
-        TypeError: if ``num_replicas`` or ``rank`` is not an int.
-        ValueError: if ``rank`` is not in ``[0, num_replicas)`` or ``num_replicas < 1``.
-    """
-
-    def __init__(self, dataset: Any, num_replicas: int | None = None, rank: int | None = None) -> None:
-        self.num_replicas, self.rank = _replicas_and_rank(num_replicas, rank)
-        self.dataset_size = len(dataset)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.dataset_size, self.num_replicas))
-
-    def __len__(self) -> int:
-        return max(0, math.ceil((self.dataset_size - self.rank) / self.num_replicas))
-
-    def set_epoch(self, epoch: int) -> None:
-        """Accepted for symmetry with ``DistributedSampler``; the order does not depend on it."""
-
-
-def _replicas_and_rank(num_replicas: Any, rank: Any) -> tuple[int, int]:
-    """``num_replicas`` and ``rank``, checked, with defaults from this process (no group needed)."""
-    num_replicas = get_world_size() if num_replicas is None else check_int(num_replicas, "num_replicas", minimum=1)
-    rank = get_rank() if rank is None else check_int(rank, "rank")
-    if not 0 <= rank < num_replicas:
-        raise ValueError(f"rank must be in [0, {num_replicas}), got {rank!r}")
-    return num_replicas, rank
-
-
-class DistributedTrainSampler(DistributedSampler):
-    """Sampler for training that works with and without a process group.
-
-    torch's ``DistributedSampler`` asks the process group for the world size and rank, so a script
-    that uses it fails under plain ``python``. This one takes the defaults from
-    :func:`get_world_size` / :func:`get_rank` (1 and 0 without a group; torchrun's environment
-    before the group exists) and otherwise is ``DistributedSampler``: for the same ``seed`` and
-    epoch it yields the same indices in the same order (a permutation drawn from ``seed + epoch``),
-    so switching between the two changes nothing.
-
-    Call ``set_epoch(epoch)`` before every epoch: the order differs from epoch to epoch and is the
-    same in every run. Each rank gets ``ceil(len(dataset) / num_replicas)`` indices: with
-    ``drop_last=False`` the permutation is padded with its own first indices to a multiple of
-    ``num_replicas`` (a few samples are seen twice per epoch); with ``drop_last=True`` its tail is
-    dropped instead (``floor(len(dataset) / num_replicas)`` each; a few samples are not seen that
-    epoch). With one process every index comes exactly once per epoch.
-
-    Resuming mid-epoch: ``samples_consumed`` counts this rank's indices that the current epoch has
-    already used, and iteration skips them. Iterating does not advance it (a DataLoader with
-    workers draws indices ahead of the batches it delivers): set it from your own step counter,
-    e.g. ``sampler.samples_consumed = batches_done * batch_size``, before :meth:`state_dict`.
-    ``set_epoch`` with a new epoch resets it to 0; with the epoch it already has (a resumed run
-    entering its interrupted epoch) it keeps it.
-
-    Args:
-        dataset: a sized dataset.
-        num_replicas: number of ranks; default ``get_world_size()``.
-        rank: this rank; default ``get_rank()``.
-        shuffle: draw a new permutation every epoch; False keeps the dataset order. Default True.
-        seed: seed of the permutation, the same on every rank. Default 0.
-        drop_last: drop the tail instead of padding. Default False.
-
-    Raises:
-        TypeError: if an int or bool argument has another type.
-        ValueError: if ``rank`` is not in ``[0, num_replicas)``, ``num_replicas < 1`` or ``seed < 0``.
-
-    Example:
-        >>> sampler = DistributedTrainSampler(dataset, seed=42)
-        >>> loader = DataLoader(dataset, batch_size=32, sampler=sampler)
-        >>> for epoch in range(epochs):
-        ...     sampler.set_epoch(epoch)
-        ...     for batch in loader: ...
-    """
-
-    def __init__(
-        self,
-        dataset: Any,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-    ) -> None:
-        num_replicas, rank = _replicas_and_rank(num_replicas, rank)
-        super().__init__(
-            dataset,
-            num_replicas=num_replicas,
-            rank=rank,
-            shuffle=check_bool(shuffle, "shuffle"),
-            seed=check_int(seed, "seed", minimum=0),
-            drop_last=check_bool(drop_last, "drop_last"),
-        )
-        self._samples_consumed = 0
-
-    @property
-    def samples_consumed(self) -> int:
-        """This rank's indices of the current epoch already used; ``__iter__`` skips them."""
-        return self._samples_consumed
-
-    @samples_consumed.setter
-    def samples_consumed(self, value: int) -> None:
-        self._samples_consumed = self._check_consumed(value)
-
-    def _check_consumed(self, value: Any) -> int:
-        value = check_int(value, "samples_consumed", minimum=0)
-        if value > self.num_samples:
-            raise ValueError(f"samples_consumed must be <= {self.num_samples} (this rank's share), got {value!r}")
-        return value
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self._samples_consumed :])
-
-    def __len__(self) -> int:
-        return self.num_samples - self._samples_consumed
-
-    def set_epoch(self, epoch: int) -> None:
-        """Use the order of ``epoch``; a new epoch starts at its first sample.
-
-        A dataset with a ``set_epoch(epoch)`` method of its own (epoch-dependent augmentations) is
-        told the epoch too, so a loop calls only ``sampler.set_epoch`` and works with any dataset.
-
-        Args:
-            epoch: the epoch number (>= 0).
-
-        Raises:
-            TypeError: if ``epoch`` is not an int.
-            ValueError: if ``epoch`` is negative.
-        """
-        epoch = check_int(epoch, "epoch", minimum=0)
-        if epoch != self.epoch:
-            self._samples_consumed = 0
-        self.epoch = epoch
-        if callable(getattr(self.dataset, "set_epoch", None)):
-            self.dataset.set_epoch(epoch)
-
-    def state_dict(self) -> dict[str, int]:
-        """Where this sampler stands: ``epoch``, ``seed``, ``samples_consumed``, ``num_replicas``, ``num_samples``.
-
-        Returns:
-            A dict of ints (loads with ``torch.load(weights_only=True)``).
-        """
-        return {
-            "epoch": self.epoch,
-            "seed": self.seed,
-            "samples_consumed": self._samples_consumed,
-            "num_replicas": self.num_replicas,
-            "num_samples": self.num_samples,
-        }
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from :meth:`state_dict` (the seed saved wins over the one given to the constructor).
-
-        Args:
-            state: a dict from :meth:`state_dict`.
-
-        Raises:
-            KeyError: if ``epoch``, ``seed`` or ``samples_consumed`` is missing.
-            ValueError: if the state is mid-epoch and was saved with another number of ranks (each
-                rank's share, and so ``samples_consumed``, depends on it).
-        """
-        missing = [key for key in ("epoch", "seed", "samples_consumed") if key not in state]
-        if missing:
-            raise KeyError(f"DistributedTrainSampler state is missing {missing}")
-        saved_replicas = state.get("num_replicas", self.num_replicas)
-        consumed = state["samples_consumed"]
-        if saved_replicas != self.num_replicas:
-            if 0 < consumed < state.get("num_samples", math.inf):
-                raise ValueError(
-                    f"the sampler state was saved mid-epoch with num_replicas={saved_replicas!r}, this sampler has "
-                    f"num_replicas={self.num_replicas}: resume with the same number of ranks, or from an epoch end"
-                )
-            consumed = self.num_samples if consumed else 0  # an epoch's end (or start) is one for any number of ranks
-        checked = (  # all checked before any is set: a bad state leaves this sampler as it was
-            check_int(state["epoch"], "epoch", minimum=0),
-            check_int(state["seed"], "seed", minimum=0),
-            self._check_consumed(consumed),
-        )
-        self.epoch, self.seed, self._samples_consumed = checked
+        return getattr(sampler, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def init_distributed(*, backend: str | None = None, timeout_s: float = 1800.0) -> torch.device:
     """Initialise the default process group from the environment torchrun / launch set.
 
-    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``
-    (``init_method="env://"``). With CUDA the backend is NCCL and this process uses
-    ``cuda:<LOCAL_RANK>``; otherwise gloo on the CPU. Without ``WORLD_SIZE`` in the environment (a
-    plain ``python experiment.py``) no group is created and the process runs alone.
-
-    Under torchrun (``TORCHELASTIC_USE_AGENT_STORE=True``) the group survives restarts
-    (``--max-restarts``): torchrun keeps one store for the whole job, and torch writes the keys
-    that form a group (gloo's listening addresses, NCCL's unique id) under the same names in every
-    attempt, so a restarted group can read those of the killed attempt before its peers replace
-    them, then connect to dead ports (``Gloo connectFullMesh failed ... Connection refused``) or
-    wait for a connection that never comes (a hang of ``timeout_s``). Here every formation of the
-    group uses keys of its own instead: rank 0 draws a fresh id and hands it to every other rank
-    through the store (about 30 ms for 2 ranks on a loaded 2-core machine), and the group forms
-    under that prefix.
-
-    Before it creates the group it imports ``torch._dynamo`` (about 2 s the first time, a cost that
-    ``DistributedDataParallel`` pays anyway: its constructor imports it). Imported while a group
-    exists, ``torch._dynamo`` keeps references to that group forever (seen on torch 2.13), so
-    ``destroy_process_group`` cannot free it: its communication threads then live on into the
-    interpreter's shutdown, where they can abort a run that has finished (``terminate called
-    without an active exception``; the crash is described in pytorch/pytorch PR 179291).
+    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. With CUDA
+    the backend is NCCL on ``cuda:<LOCAL_RANK>``, else gloo on the CPU. Without ``WORLD_SIZE`` (a
+    plain ``python experiment.py``) no group is created. Under torchrun the group forms under keys
+    of its own, so it survives ``--max-restarts``; ``torch._dynamo`` is imported first, so that
+    :func:`cleanup_distributed` can free the group (docs/distributed.md says why).
 
     Args:
         backend: ``"nccl"``, ``"gloo"`` or None to choose as above. Default None.
@@ -480,35 +315,27 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = 1800.0) -
         The device this process should use.
 
     Raises:
-        TypeError: if ``timeout_s`` is not a number.
-        ValueError: if ``timeout_s`` is not positive or the environment holds a non-integer rank.
-        TimeoutError: under torchrun, if some rank has not reached ``init_distributed`` within
-            ``timeout_s`` (the message names the ranks rank 0 waited for).
+        TypeError / ValueError: if ``timeout_s`` is not a number > 0, or a rank in the environment not an int.
+        TimeoutError: under torchrun, naming the ranks that did not reach it within ``timeout_s``.
     """
     timeout_s = check_number(timeout_s, "timeout_s")
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
     use_cuda = torch.cuda.is_available() and backend != "gloo"
-    local_rank = get_local_rank()
+    local_rank = get_local_rank()  # checked also without CUDA
+    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
     if use_cuda:
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if "WORLD_SIZE" in os.environ and not is_initialized():
-        importlib.import_module("torch._dynamo")  # before the group exists: see the docstring
+        importlib.import_module("torch._dynamo")  # before the group exists: docs/distributed.md
         timeout = datetime.timedelta(seconds=timeout_s)
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's store, kept across restarts
             rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
             where = {"store": _fresh_group_store(rank, world_size, timeout), "rank": rank, "world_size": world_size}
         else:  # rank 0 hosts a new store at MASTER_PORT: nothing of an earlier group is in it
             where = {"init_method": "env://"}
-        dist.init_process_group(
-            backend=backend or ("nccl" if use_cuda else "gloo"),
-            timeout=timeout,
-            device_id=device if use_cuda else None,
-            **where,
-        )
+        backend = backend or ("nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device if use_cuda else None, **where)
     return device
 
 
@@ -516,14 +343,10 @@ _GROUP_KEYS = "batteries/init_distributed"  # the keys of _fresh_group_store in 
 
 
 def _fresh_group_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
-    """torchrun's store (``MASTER_ADDR:MASTER_PORT``) under a prefix that only this formation of the group uses.
+    """torchrun's store (``MASTER_ADDR:MASTER_PORT``) under a prefix only this formation of the group uses.
 
-    Rank 0 draws the prefix (a random id). Every other rank writes a random token of its own to its
-    mailbox key and waits for the key ``answer/<token>``, where rank 0 writes the id. A mailbox may
-    still hold the token of a killed earlier worker: rank 0 answers it too (nobody waits for that
-    answer) and keeps reading the mailbox until the rank acknowledges under the new prefix, which no
-    earlier attempt can have written to. So no rank acts on a key an earlier attempt wrote: a rank's
-    answer is keyed by its own fresh token, and rank 0 stops only on acknowledgements under the new id.
+    Rank 0 draws the prefix and writes it under ``answer/<token>`` for the token each other rank put
+    in its mailbox; it stops once every rank acknowledged under the new prefix (docs/distributed.md).
     """
     address, port = os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 0)
     store = dist.TCPStore(host_name=address, port=port, world_size=world_size, is_master=False, timeout=timeout)
@@ -543,10 +366,9 @@ def _fresh_group_store(rank: int, world_size: int, timeout: datetime.timedelta) 
                     progress = True
             if not progress and waiting:
                 if time.monotonic() > deadline:
-                    missing = sorted(waiting)
                     raise TimeoutError(
                         f"init_distributed: rank 0 waited {timeout.total_seconds():g} s (timeout_s) for "
-                        f"{len(missing)} rank(s) to reach init_distributed: {missing[:20]}"
+                        f"{len(waiting)} rank(s) to reach init_distributed: {sorted(waiting)[:20]}"
                     )
                 time.sleep(0.005)
     else:
@@ -569,14 +391,9 @@ def _fresh_group_store(rank: int, world_size: int, timeout: datetime.timedelta) 
 def cleanup_distributed() -> None:
     """Destroy the default process group if one exists; a no-op otherwise.
 
-    Call it on every rank at the end of a run, after the last collective and after a
-    :func:`barrier`: a rank that destroys its group while another still communicates with it can
-    abort the other at exit (``terminate called without an active exception``, seen in 2 of 7
-    runs of a sharded save loop without the barrier, 0 of 7 with it). It does not call the barrier
-    itself, which would hang a ``finally`` block whose peers never reach it. With a group made by
-    :func:`init_distributed` this also frees the group and joins its communication threads, even
-    after ``DistributedDataParallel`` used it, so that none of them is alive when the interpreter
-    shuts down. (A group created before ``torch._dynamo`` was first imported is kept alive by it.)
+    Call it on every rank at the end of a run, after the last collective and a :func:`barrier` (it
+    does not call one itself: that would hang a ``finally`` block whose peers never reach it). With
+    a group made by :func:`init_distributed` it also joins the group's communication threads.
     """
     if is_initialized():
         gc.collect()  # modules in reference cycles (FSDP's hooks) that hold the group: gone before it is destroyed

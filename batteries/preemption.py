@@ -18,10 +18,10 @@ from types import FrameType
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from batteries import distributed
 from batteries._checks import check_int, check_number
-from batteries.data import STOP_SIGNALS, die_with_parent
+from batteries._process import STOP_SIGNALS, die_with_parent
 
 __all__ = ["StopOnSignal", "STOP_SIGNALS"]
 
@@ -32,68 +32,26 @@ class StopOnSignal:
     """Turn SIGTERM / SIGINT / SIGUSR1 into a stop request that every rank acts on at the same step.
 
     Build it on every rank (after ``init_distributed``, in the main thread) and call it once per
-    optimizer step on every rank, the same number of times: it returns True on every rank at the
-    same call once any rank has received one of ``signals``. A checkpoint saved at that step is
-    then consistent (ranks that stopped at different steps would save different steps' states).
-
-    How the ranks agree: at an agreement call, each rank waits for the all-reduce it started at the
-    previous agreement call, and starts a new one, non-blocking, of a small CPU tensor holding the
-    signal it received (0 for none); the answer of the earlier all-reduce is the decision, so all
-    ranks decide alike at the same call, and every rank learns which signal it was. The reduction
-    runs on gloo in the background while the steps compute: no GPU synchronisation, no host round
-    trip on the critical path. Agreement calls come every ``every`` calls; by default (``every=None``)
-    about every ``interval_s`` seconds: each reduction also carries each rank's measured step time,
-    and all ranks take the next spacing from its result (so they stay in step). A request is
-    therefore acted on within two spacings of the signal, about ``2 * interval_s`` seconds plus a
-    step. ``benchmarks/stop_on_signal.py`` measures the cost: on two CPU processes, an all-reduce
-    every step costs about a millisecond a step; the default, a few per second, costs nothing
-    measurable. ``stop(wait=True)`` agrees at once instead (a blocking
-    all-reduce): call it where a loop resumes after a long pause, such as before an epoch's first
-    step, so that a signal that came during validation or a save is acted on before the next step.
-    Without a process group (one process) a call just returns whether a signal came. Under an NCCL
-    default group a gloo group is created for this (a collective, hence "on every rank").
-
-    Signals:
-        - The first signal sets the request; the process goes on until the loop stops.
-        - The same request often arrives twice within milliseconds (SLURM signals every process of
-          the job and torchrun forwards the signal to its workers; a terminal's Ctrl-C reaches the
-          whole process group): repeats within ``repeat_window_s`` of the first are ignored.
-        - A later signal is a second request: the process ends at once, killed by that signal
-          (with the signal's default action, so no traceback and the shell's status 128 + signal).
-          Files the toolkit writes stay complete (every write is atomic); the step is lost.
-        - Under torchrun (a worker of its agent), the agent's death (SIGKILL, or a signal torchrun
-          does not handle, such as SIGUSR1 unless ``TORCHELASTIC_SIGNALS_TO_HANDLE`` lists it)
-          becomes a SIGTERM to this worker: the workers stop together instead of training on
-          orphaned.
-
-    Only one instance may be active in a process at a time (signal handlers are per process):
-    :meth:`close` it (or leave its ``with`` block) before building another.
-
-    DataLoader workers also receive the signal when it goes to the whole process group (Ctrl-C,
-    torchrun's shutdown): :func:`~batteries.make_loader`'s workers block it, and die with the
-    training process instead. Workers of a plain ``DataLoader`` die on SIGTERM / SIGINT, and the
-    next batch then raises: use ``make_loader``, or ignore the signals in your ``worker_init_fn``.
-    Before the object is built (while torch imports, say) the signals act as usual.
+    optimizer step on every rank: once any rank has received one of ``signals``, it returns True on
+    every rank at the same call, so a checkpoint saved then is consistent. The ranks agree with a
+    non-blocking all-reduce on :func:`~batteries.distributed.gloo_group` about every ``interval_s``
+    seconds (or every ``every`` calls); ``stop(wait=True)`` agrees at once, e.g. before an epoch's
+    first step. A repeated signal within ``repeat_window_s`` is the same request; a later one kills
+    the process at once. One instance per process at a time. docs/distributed.md says more.
 
     Args:
         signals: the signals that request a stop. Default SIGTERM, SIGINT and SIGUSR1.
-        every: agree across ranks every this many calls (int >= 1), or None to agree about every
-            ``interval_s`` seconds. Default None.
+        every: agree every this many calls (int >= 1), or None for every ``interval_s``. Default None.
         interval_s: with ``every=None``, the seconds between agreements (float > 0). Default 0.25.
-        repeat_window_s: seconds after the first signal during which more signals are the same
-            request (float >= 0). Default 1.0.
+        repeat_window_s: seconds after the first signal in which more are the same request. Default 1.0.
 
     Attributes:
-        signum: the signal that stopped the loop, or that this process received (an ``int``), or None.
-        signal_name: its name, e.g. ``"SIGTERM"``, or None.
-        exit_code: the status to exit with after a stop, ``128 + signum`` (the shell's status for a
-            process ended by that signal: 143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1); 0
-            without a signal.
+        signum, signal_name: the signal that stopped the loop or that this process received, or None.
+        exit_code: ``128 + signum`` (143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1); 0 without one.
         stopped: True once a call has returned True.
 
     Raises:
-        RuntimeError: if built outside the main thread (only it can receive signals in Python), or
-            while another instance is active.
+        RuntimeError: if built outside the main thread, or while another instance is active.
         TypeError / ValueError: on a bad ``signals`` (also one that cannot be caught), ``every``,
             ``interval_s`` or ``repeat_window_s``.
 
@@ -140,9 +98,7 @@ class StopOnSignal:
         self._spacing = self.every or 1  # calls between agreement calls: the same on every rank
         self._agreed_at = time.perf_counter()
         self._pending: tuple[Any, torch.Tensor] | None = None
-        self._group = None
-        if _world_size() > 1:
-            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self._group = distributed.gloo_group()  # None in one process
         self._closed = False
         self._previous: dict[signal.Signals, Any] = {}
         try:
@@ -199,7 +155,7 @@ class StopOnSignal:
             return self.stopped
         self._calls += 1
         if self._group is None:
-            if _world_size() > 1:
+            if _several_ranks():
                 raise RuntimeError(
                     "StopOnSignal was built before the process group existed, so the ranks cannot agree on "
                     "when to stop: build it after init_distributed / init_process_group"
@@ -219,7 +175,7 @@ class StopOnSignal:
         self._calls, self._agreed_at = 0, now
         # MAX of [signal, slowest step]: the signal any rank received; the spacing that suits the slowest rank
         received = torch.tensor([self.signum or 0, max(1, round(step_us))], dtype=torch.int64)
-        work = dist.all_reduce(received, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        work = distributed.all_reduce_max_async(received, self._group)
         if wait:
             work.wait()
             return self._agree(received)
@@ -268,5 +224,5 @@ class StopOnSignal:
         self.close()
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def _several_ranks() -> bool:
+    return distributed.is_initialized() and distributed.get_world_size() > 1

@@ -2,64 +2,39 @@
 
 from __future__ import annotations
 
-import datetime
-import itertools
 import os
-import pickle
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from batteries import _dcp, distributed
 from batteries._checks import check_bool, check_file_name, check_int, check_number
+from batteries._dcp_load import prepare_load
 from batteries.checkpoint import load_checkpoint, load_states, make_checkpoint, state_parts
 from batteries.seed import check_rng_state, get_rng_state, set_rng_state
 
 __all__ = ["make_training_state", "restore_training_state", "find_resume_checkpoint"]
 
-_gathers = itertools.count()  # calls of _gather_rng_states in this process: the same sequence on every rank
-
 
 def _gather_rng_states(timeout: float) -> list[dict[str, Any] | None]:
-    """Every rank's :func:`get_rng_state` on rank 0, through the process group's key-value store.
+    """Every rank's :func:`get_rng_state` on rank 0 (:func:`~batteries.distributed.gather_on_main`).
 
-    Each rank publishes its state under a key numbered by its count of calls; rank 0 waits at most
-    ``timeout`` seconds for the others' keys, reads and deletes them. Other ranks do not wait:
-    their list holds their own state only (at their index). No collective runs, so a call on rank
-    0 alone cannot hang: it fails after ``timeout`` with the fix in the message.
+    Raises:
+        RuntimeError: on rank 0, if some ranks' states did not come within ``timeout`` seconds.
     """
-    own = get_rng_state()
-    world_size, rank = distributed.get_world_size(), distributed.get_rank()
-    if world_size == 1:
-        return [own]
-    store = dist.distributed_c10d._get_default_store()
-    prefix = f"batteries/rng_states/{next(_gathers)}"
-    states: list[dict[str, Any] | None] = [None] * world_size
-    states[rank] = own
-    if rank != 0:
-        store.set(f"{prefix}/{rank}", pickle.dumps(own))
-        return states
-    keys = {other: f"{prefix}/{other}" for other in range(1, world_size)}
     try:
-        store.wait(list(keys.values()), datetime.timedelta(seconds=timeout))
-    except RuntimeError:  # DistStoreError: a timeout
-        late = [other for other, key in keys.items() if not store.check([key])]
+        return distributed.gather_on_main(get_rng_state(), timeout_s=timeout, what="the RNG states")
+    except TimeoutError as error:
         raise RuntimeError(
-            f"make_training_state waited {timeout:g} s on rank 0 for the RNG states of rank(s) {late}. Under "
-            "torch.distributed it gathers every rank's RNG state: call it on every rank, as for a collective "
-            "(only rank 0 writes: save_checkpoint and CheckpointManager.process do nothing on other ranks). "
-            "To build the state on rank 0 only, pass rng_states=all_gather(get_rng_state()) gathered on every "
-            "rank beforehand (or rng_states=[get_rng_state()] to keep rank 0's only)."
+            f"make_training_state {error}. Under torch.distributed it gathers every rank's RNG state: call it on "
+            "every rank, as for a collective (only rank 0 writes: save_checkpoint and CheckpointManager.process do "
+            "nothing on other ranks). To build the state on rank 0 only, pass rng_states=all_gather(get_rng_state()) "
+            "gathered on every rank beforehand (or rng_states=[get_rng_state()] to keep rank 0's only)."
         ) from None
-    for other, key in keys.items():
-        states[other] = pickle.loads(store.get(key))  # noqa: S301 - written by this job's own ranks
-        store.delete_key(key)
-    return states
 
 
 def make_training_state(
@@ -81,23 +56,13 @@ def make_training_state(
 ) -> dict[str, Any]:
     """Everything a resume needs, in one checkpoint dict that loads with ``weights_only=True``.
 
-    A :func:`make_checkpoint` dict plus ``step``, ``scaler_state_dict`` (AMP GradScaler),
-    ``ema_state_dict``, ``early_stop_state_dict`` and ``rng_states``: the Python, NumPy, torch CPU
-    and CUDA RNG states of every rank (index = rank). Give it to :func:`save_checkpoint` or
-    ``CheckpointManager.process`` and restore it with :func:`restore_training_state`. (The
-    CheckpointManager keeps its own state in its metrics file, written on every ``process``.)
-
-    Under ``torch.distributed``, with ``rng_states`` not given, call it on every rank, like a
-    collective, and give the result to ``save_checkpoint`` / ``manager.process`` on every rank
-    (they write on rank 0 only). Every rank publishes its RNG state through the process group's
-    key-value store and only rank 0, the one that writes, waits for the others' (at most
-    ``rng_timeout`` seconds): the other ranks return at once, with their own state only. This
-    design was chosen over a real collective (``all_gather``) because no call pattern can hang:
-    called on rank 0 alone, the call raises after ``rng_timeout`` seconds with the fix, instead of
-    waiting for ranks that never come (while they wait for rank 0 in their next collective).
-    Code that gathers itself passes ``rng_states=all_gather(get_rng_state())`` and may call this
-    on rank 0 only. A state with fewer RNG states than ranks is reported on rank 0 when it is
-    made (a warning with the fix), not only at resume.
+    A :func:`make_checkpoint` dict plus ``step``, ``scaler_state_dict``, ``ema_state_dict``,
+    ``early_stop_state_dict`` and ``rng_states`` (every rank's Python, NumPy, torch and CUDA RNG
+    states, index = rank). Under ``torch.distributed``, without ``rng_states``, call it on every
+    rank like a collective and pass the result to ``save_checkpoint`` / ``manager.process`` on every
+    rank: rank 0 waits at most ``rng_timeout`` s for the others' RNG states, no collective runs
+    (docs/distributed.md). Code that gathers itself passes ``rng_states=all_gather(get_rng_state())``
+    and may call it on rank 0 only; fewer states than ranks is a warning on rank 0.
 
     Args:
         model: the model, bare or wrapped.
@@ -105,27 +70,21 @@ def make_training_state(
         step: optimizer steps taken so far. Default 0.
         optimizer, scheduler, scaler, ema, early_stop: optional components (anything with
             ``state_dict()``); the key of one not given is left out.
-        rng_states: one :func:`~batteries.get_rng_state` dict per rank, index = rank. Default: every
-            rank's, gathered as described above (``[get_rng_state()]`` in one process).
+        rng_states: one :func:`~batteries.get_rng_state` dict per rank. Default: gathered as above.
         rng_timeout: seconds rank 0 waits for the other ranks' RNG states. Default 60.
         stage: stage name. Default ``"train"``.
         metrics: optional metrics dict; left out when None.
-        sharded: for a sharded checkpoint (``CheckpointManager(..., sharded=True)``, FSDP2):
-            ``model_state_dict`` and ``optimizer_state_dict`` come from
-            ``torch.distributed.checkpoint.state_dict.get_state_dict``, keyed by parameter name
-            (not by position), with this rank's DTensor shards under FSDP2 (nothing is gathered),
-            so that a resume with another number of processes can reshard them. The dict is then
-            for ``torch.distributed.checkpoint``, not ``torch.save``. Default False.
+        sharded: for ``CheckpointManager(..., sharded=True)`` (FSDP2): the model and optimizer states
+            come from DCP's ``get_state_dict``, keyed by name, this rank's shards only; the dict is
+            then for ``torch.distributed.checkpoint``, not ``torch.save``. Default False.
         **extra: more entries (made safe as in :func:`make_checkpoint`).
 
     Returns:
         The checkpoint dict.
 
     Raises:
-        ValueError / TypeError: as :func:`make_checkpoint`, or if ``step`` is not an int >= 0 or
-            ``rng_timeout`` not a number >= 0.
-        RuntimeError: on rank 0, if the other ranks' RNG states did not come within ``rng_timeout``
-            (the call was made on rank 0 only).
+        ValueError / TypeError: as :func:`make_checkpoint`, or for a bad ``step`` / ``rng_timeout``.
+        RuntimeError: on rank 0, if the other ranks' RNG states did not come within ``rng_timeout``.
     """
     step = check_int(step, "step", minimum=0)
     rng_timeout = check_number(rng_timeout, "rng_timeout", minimum=0.0)
@@ -179,24 +138,16 @@ def restore_training_state(
 ) -> dict[str, Any]:
     """Restore what :func:`make_training_state` saved into the components given: all or nothing.
 
-    Every component passed must find its state in the checkpoint; otherwise nothing is loaded and
-    a ``KeyError`` lists every missing part. A state that does not fit its component (SGD state
-    into Adam, other keys or shapes) raises one ``RuntimeError`` naming the component and the
-    mismatch, and every component is left as it was. The RNG states of this rank (``get_rank()``)
-    are restored when the checkpoint was saved by as many ranks as run now; with another world
-    size they cannot match and a warning says so. A ``manager`` is rewound to the checkpoint's
-    epoch (records of later epochs, from the run that is being replaced, are forgotten).
-
-    A sharded checkpoint (a ``torch.distributed.checkpoint`` folder, or a link to one, written by
-    ``CheckpointManager(..., sharded=True)``) is loaded in place: each rank reads the shards of its
-    own part of the model and optimizer (``set_state_dict``; DCP reshards, so the folder may come
-    from another number of processes), with nothing gathered. Call it on every rank then; it runs
-    no collective of its own. Its other entries are read with ``weights_only=True``;
-    ``map_location`` does not apply (each shard loads onto its parameter's device).
+    A component whose state is missing is a ``KeyError`` listing every missing part; a state that
+    does not fit (SGD state into Adam, other shapes) a ``RuntimeError``; either way nothing changes.
+    This rank's RNG states are restored when as many ranks saved them as run now (else a warning).
+    A ``manager`` is rewound to the checkpoint's epoch. A sharded checkpoint folder (written by
+    ``CheckpointManager(..., sharded=True)``) loads in place on every rank, each reading its own
+    shards (DCP reshards: another number of processes may have written it); its other entries are
+    read with ``weights_only=True`` and ``map_location`` does not apply.
 
     Args:
-        checkpoint: the dict :func:`load_checkpoint` returned, or a path to load (``weights_only=True``),
-            or a sharded checkpoint folder.
+        checkpoint: the dict :func:`load_checkpoint` returned, a path to load, or a sharded folder.
         model, optimizer, scheduler, scaler, ema, early_stop: components to restore; None skips.
         manager: a ``CheckpointManager`` to rewind; None skips.
         restore_rng: restore the RNG states. Default True.
@@ -204,29 +155,17 @@ def restore_training_state(
         strict: passed to ``model.load_state_dict``. Default True.
 
     Returns:
-        The checkpoint dict (``epoch``, ``step`` and extras are read from it); for a sharded
-        checkpoint, without ``model_state_dict`` / ``optimizer_state_dict`` (they went into place).
+        The checkpoint dict (``epoch``, ``step``, extras); for a sharded checkpoint without
+        ``model_state_dict`` / ``optimizer_state_dict`` (they went into place).
 
     Raises:
         KeyError: naming every part asked for that the checkpoint lacks (nothing is restored).
         RuntimeError: if a state does not fit its component (nothing is restored); for a sharded
             checkpoint also if a file cannot be read or ``.metadata`` holds other objects.
-        FileNotFoundError / IsADirectoryError / ValueError / RuntimeError / pickle.UnpicklingError:
-            as :func:`load_checkpoint`.
+        FileNotFoundError / IsADirectoryError / ValueError / pickle.UnpicklingError: as
+            :func:`load_checkpoint`.
     """
-    source: Any = "<checkpoint dict>"
-    sharded = None  # (folder, metadata) of a sharded checkpoint
-    if not isinstance(checkpoint, Mapping):
-        source = f"'{checkpoint}'"
-        if _dcp.is_checkpoint(checkpoint):
-            folder = Path(checkpoint)
-            metadata = _dcp.read_metadata(folder)
-            sharded = (folder, metadata)
-            checkpoint = _dcp.load_entries(folder, metadata)
-            present = _dcp.top_level_keys(metadata)
-            checkpoint.update({part: {} for part in _dcp.PARTS if part in present})  # loaded in place below
-        else:
-            checkpoint = load_checkpoint(checkpoint, map_location=map_location, verbose=False)
+    checkpoint, source, sharded = _open_checkpoint(checkpoint, map_location)
     components = {
         "model": model,
         "optimizer": optimizer,
@@ -235,12 +174,12 @@ def restore_training_state(
         "ema": ema,
         "early_stop": early_stop,
     }
-    if sharded is not None:  # the model and optimizer load in place: not through state_parts
+    in_place = {}  # sharded: the model and optimizer load in place, not through state_parts
+    if sharded is not None:
         in_place = {"model": components.pop("model"), "optimizer": components.pop("optimizer")}
     parts, missing = state_parts(checkpoint, components, source)
-    if sharded is not None:
-        missing = [f"{name}_state_dict" for name, part in in_place.items() if part is not None and
-                   f"{name}_state_dict" not in checkpoint] + missing  # fmt: skip
+    missing = [f"{name}_state_dict" for name, part in in_place.items() if part is not None and
+               f"{name}_state_dict" not in checkpoint] + missing  # fmt: skip
     if restore_rng and not checkpoint.get("rng_states"):
         missing.append("rng_states")
     if manager is not None and "epoch" not in checkpoint:
@@ -248,29 +187,12 @@ def restore_training_state(
     if missing:
         raise KeyError(f"checkpoint {source} has no state for: {', '.join(missing)} (nothing was restored)")
 
-    rng_state = None
-    if restore_rng:
-        rng_states, world_size = checkpoint["rng_states"], distributed.get_world_size()
-        if len(rng_states) == world_size:
-            rng_state = rng_states[distributed.get_rank()]
-            try:
-                check_rng_state(rng_state)
-            except (TypeError, KeyError, ValueError) as error:
-                raise RuntimeError(
-                    f"the RNG state of rank {distributed.get_rank()} in {source} cannot be restored: {error}. "
-                    "Nothing was restored."
-                ) from error
-        else:
-            warnings.warn(
-                f"checkpoint {source} holds RNG states of {len(rng_states)} rank(s) but {world_size} run now: "
-                "RNG states not restored, the random streams differ from the saved run's",
-                stacklevel=2,
-            )
+    rng_state = _rng_state_of_this_rank(checkpoint, source) if restore_rng else None
     if manager is not None:  # before anything is restored: a rewind that would fail fails now
         manager._ready_to_rewind(checkpoint["epoch"])
     apply_in_place = cancel = None
     if sharded is not None:  # read into copies first: a misfit or unreadable shard changes nothing
-        apply_in_place, cancel = _dcp.prepare_load(*sharded, in_place["model"], in_place["optimizer"], strict, source)
+        apply_in_place, cancel = prepare_load(*sharded, in_place["model"], in_place["optimizer"], strict, source)
         checkpoint = {key: value for key, value in checkpoint.items() if key not in _dcp.PARTS}
     try:
         load_states(parts, source, strict)
@@ -287,43 +209,71 @@ def restore_training_state(
     return dict(checkpoint)
 
 
+def _open_checkpoint(checkpoint: Any, map_location: Any) -> tuple[Mapping[str, Any], str, tuple[Path, Any] | None]:
+    """``(entries, source for messages, (folder, metadata) of a sharded checkpoint or None)``."""
+    if isinstance(checkpoint, Mapping):
+        return checkpoint, "<checkpoint dict>", None
+    source = f"'{checkpoint}'"
+    if not _dcp.is_checkpoint(checkpoint):
+        return load_checkpoint(checkpoint, map_location=map_location, verbose=False), source, None
+    folder = Path(checkpoint)
+    metadata = _dcp.read_metadata(folder)
+    entries = _dcp.load_entries(folder, metadata)
+    present = _dcp.top_level_keys(metadata)
+    entries.update({part: {} for part in _dcp.PARTS if part in present})  # loaded in place
+    return entries, source, (folder, metadata)
+
+
+def _rng_state_of_this_rank(checkpoint: Mapping[str, Any], source: str) -> dict[str, Any] | None:
+    """This rank's checked RNG state, or None (with a warning) if another number of ranks saved them."""
+    rng_states, world_size = checkpoint["rng_states"], distributed.get_world_size()
+    if len(rng_states) != world_size:
+        warnings.warn(
+            f"checkpoint {source} holds RNG states of {len(rng_states)} rank(s) but {world_size} run now: "
+            "RNG states not restored, the random streams differ from the saved run's",
+            stacklevel=3,
+        )
+        return None
+    rng_state = rng_states[distributed.get_rank()]
+    try:
+        check_rng_state(rng_state)
+    except (TypeError, KeyError, ValueError) as error:
+        raise RuntimeError(
+            f"the RNG state of rank {distributed.get_rank()} in {source} cannot be restored: {error}. "
+            "Nothing was restored."
+        ) from error
+    return rng_state
+
+
 def find_resume_checkpoint(
     manager: Any, names: Sequence[str] | None = None, *, world_size: int | None = None
 ) -> tuple[Path | None, dict[str, Any] | None]:
     """The checkpoint beside ``manager``'s history that continues it, loaded, for ``--resume auto``.
 
-    The history (``manager.values``, read from its metrics file) says which epoch was finished
-    last. A candidate continues it when its ``epoch`` (the last finished one, as
-    :func:`make_training_state` records it) is that epoch: ``last.pth`` saved at its end, or a
-    mid-epoch ``step.pth`` part way into the next one. Any other candidate belongs to another run
-    and is skipped: a run branched with ``--resume exp_3.pth`` leaves the abandoned run's newer
-    ``step.pth`` behind, and resuming from it would splice the two runs. Among the candidates that
-    continue the history, the one with the most optimizer steps (``step``) wins. Without any
-    history, only a checkpoint of epoch 0 (saved during the first epoch) continues it.
-
-    For a sharded manager (``CheckpointManager(..., sharded=True)``) the candidates are the
-    checkpoint folders ``step`` and ``last``; only their ``epoch``, ``step`` and ``rng_states``
-    are read (on this rank, no collective), and the second item returned is None: a sharded
-    checkpoint loads in place, with ``restore_training_state(path, model, ...)``.
+    A candidate continues the history when its ``epoch`` (the last finished one) is the newest
+    epoch in ``manager.values`` (0 without history): ``last.pth`` saved at that epoch's end, or a
+    mid-epoch ``step.pth`` of the next one. Others belong to another run (a branch left them) and
+    are skipped. Among the candidates, the one with the most optimizer steps (``step``) wins. For a
+    sharded manager the candidates are the folders ``step`` and ``last``; only their ``epoch``,
+    ``step`` and ``rng_states`` are read (no collective), and the checkpoint returned is None:
+    pass the path to :func:`restore_training_state`.
 
     Args:
         manager: the run's :class:`~batteries.CheckpointManager` (its ``logdir`` holds the candidates).
         names: names to consider inside ``manager.logdir``. Default ``("step.pth", "last.pth")``, or
             ``("step", "last")`` for a sharded manager.
         world_size: the number of processes that will continue the run, or None. When given, a
-            candidate saved by another number of processes (the length of its ``rng_states``) is
-            taken only if it is the manager's ``last`` (``last.pth``): an epoch's end, which any
-            number of processes can continue, where a mid-epoch position cannot be split over
-            another number of ranks. A candidate so skipped is named in a warning. Default None.
+            candidate saved by another number of processes (its ``rng_states``' length) is taken only
+            if it is ``last``: a mid-epoch position cannot be split over another number of ranks. A
+            candidate so skipped is named in a warning. Default None.
 
     Returns:
-        ``(path, checkpoint)`` of the one to resume from (``(path, None)`` for a sharded manager),
-        or ``(None, None)`` when none continues the history.
+        ``(path, checkpoint)`` to resume from (``(path, None)`` for a sharded manager), or
+        ``(None, None)`` when none continues the history.
 
     Raises:
         TypeError / ValueError: if ``world_size`` is not an int >= 1.
-        RuntimeError / pickle.UnpicklingError: as :func:`load_checkpoint`, for a candidate that
-            cannot be read.
+        RuntimeError / pickle.UnpicklingError: as :func:`load_checkpoint`, for an unreadable candidate.
     """
     sharded = getattr(manager, "sharded", False) is True
     if names is None:

@@ -22,6 +22,13 @@ def test_single_process_defaults(monkeypatch):
     assert torch.equal(distributed.mreduce(x, 1), x)
     with distributed.zero_rank_first():
         pass
+    assert distributed.gloo_group() is None and distributed.gloo_group(dedicated=True) is None
+    assert distributed.gather_on_main({"a": 1}, timeout_s=1) == [{"a": 1}]
+
+
+def test_gloo_group_dedicated_must_be_a_bool():
+    with pytest.raises(TypeError, match="dedicated"):
+        distributed.gloo_group(dedicated=1)
 
 
 def test_mreduce_bad_num():
@@ -110,6 +117,15 @@ def all_checks(rank, world_size, order_file):
     module.running_mean.fill_(float(rank + 1))
     distributed.broadcast_buffers(module)
     results["buffers"] = module.running_mean.tolist()
+    # gloo_group: the default group when it is gloo, a new one when dedicated; an async MAX reduction on it
+    group, dedicated = distributed.gloo_group(), distributed.gloo_group(dedicated=True)
+    results["groups"] = (group is torch.distributed.group.WORLD, dedicated not in (None, torch.distributed.group.WORLD))
+    value = torch.tensor([rank, -rank])
+    distributed.all_reduce_max_async(value, dedicated).wait()
+    results["max"] = value.tolist()
+    # gather_on_main: every rank's object on rank 0, through the store; the other ranks keep their own
+    results["on_main"] = distributed.gather_on_main({"rank": rank}, timeout_s=30)
+    distributed.barrier()
     return results
 
 
@@ -124,6 +140,19 @@ def world(request, tmp_path_factory):
         results = run_workers(all_checks, world_size, str(order_file))
         _CACHE[world_size] = (results, order_file.read_text().split())
     return world_size, *_CACHE[world_size]
+
+
+def test_gloo_group_reuses_a_gloo_default_group_and_dedicated_makes_a_new_one(world):
+    world_size, results, _ = world
+    assert [r["groups"] for r in results] == [(True, True)] * world_size
+    assert [r["max"] for r in results] == [[world_size - 1, 0]] * world_size
+
+
+def test_gather_on_main_gives_rank_0_every_rank_object_and_the_others_their_own(world):
+    world_size, results, _ = world
+    assert results[0]["on_main"] == [{"rank": rank} for rank in range(world_size)]
+    for rank in range(1, world_size):
+        assert results[rank]["on_main"] == [{"rank": rank} if other == rank else None for other in range(world_size)]
 
 
 def test_rank_helpers_under_a_process_group(world):
