@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -10,9 +11,19 @@ import torch
 from torch import nn
 
 from batteries._async import snapshot
-from batteries.model import model_state_for, unwrap_model
+from batteries.model import strip_prefixes, unwrap_model
 
-__all__ = ["load_states", "state_parts"]
+__all__ = ["STATE_KEYS", "find_state", "load_states", "missing_states_error", "state_parts"]
+
+logger = logging.getLogger(__name__)
+
+# Where a component's state may be, in this order: this toolkit's key, then the names of
+# pytorch/examples (state_dict, optimizer, scheduler) and nanoGPT (model, optimizer).
+STATE_KEYS = {
+    "model": ("model_state_dict", "state_dict", "model"),
+    "optimizer": ("optimizer_state_dict", "optimizer"),
+    "scheduler": ("scheduler_state_dict", "scheduler"),
+}
 
 
 def load_states(parts: list[tuple[str, Any, Any]], source: Any, strict: bool = True) -> None:
@@ -26,16 +37,20 @@ def load_states(parts: list[tuple[str, Any, Any]], source: Any, strict: bool = T
         parts: ``(name, component, state)`` triples, loaded in this order; ``name`` is for messages.
         source: where the states came from, for messages.
         strict: passed to ``load_state_dict`` of the part named ``"model"`` (the others load strictly).
+            With False, the model's keys missing from the state and the state's keys the model
+            lacks are logged as a warning.
 
     Raises:
         RuntimeError: if a state does not fit its component; nothing is changed then.
     """
     undo: list[Callable[[], None]] = []
+    skipped = None
     try:
         for name, component, state in parts:
             undo.append(_undo_for(component))
             try:
-                _load_one(component, state, strict if name == "model" else True)
+                result = _load_one(component, state, strict if name == "model" else True)
+                skipped = result if name == "model" else skipped
             except Exception as error:
                 raise RuntimeError(
                     f"the {name} state in {source} does not fit the {type(component).__name__} given: "
@@ -45,6 +60,11 @@ def load_states(parts: list[tuple[str, Any, Any]], source: Any, strict: bool = T
         for restore in reversed(undo):
             restore()
         raise
+    if skipped is not None and (skipped.missing_keys or skipped.unexpected_keys):
+        logger.warning(
+            f"the model state in {source} loaded with strict=False: model keys absent from it kept their values: "
+            f"{skipped.missing_keys}; its keys the model lacks were ignored: {skipped.unexpected_keys}"
+        )
 
 
 def state_parts(
@@ -53,29 +73,88 @@ def state_parts(
     """The ``(name, component, state)`` of every component given, and the keys of the states missing.
 
     Args:
-        checkpoint: a checkpoint dict; the state of ``name`` is ``checkpoint[f"{name}_state_dict"]``,
-            the model's as :func:`~batteries.model.model_state_for` finds it.
+        checkpoint: a checkpoint dict; the state of ``name`` is where :func:`find_state` finds it.
         components: name -> component, or None to skip it.
         source: where the checkpoint came from, for messages.
 
     Returns:
         The parts for :func:`load_states`, modules last (the cheapest to undo load first), and the
-        missing keys, e.g. ``["optimizer_state_dict"]``.
+        missing keys, e.g. ``["optimizer_state_dict"]``. A model's state comes without the wrapper
+        prefixes (``module.``, ``_orig_mod.``) the model does not use.
     """
     parts, missing = [], []
     for name, component in components.items():
         if component is None:
             continue
-        if name == "model":
-            try:
-                parts.append((name, component, model_state_for(component, checkpoint, source)))
-            except KeyError:
-                missing.append("model_state_dict")
-        elif checkpoint.get(f"{name}_state_dict") is None:
+        found = find_state(checkpoint, name)
+        if found is None:
             missing.append(f"{name}_state_dict")
-        else:
-            parts.append((name, component, checkpoint[f"{name}_state_dict"]))
+            continue
+        state = found[1]
+        if name == "model":
+            state = strip_prefixes(state, set(unwrap_model(component).state_dict()))
+        parts.append((name, component, state))
     return sorted(parts, key=lambda part: isinstance(part[1], nn.Module)), missing  # cheap to undo first
+
+
+def find_state(checkpoint: Mapping[str, Any], name: str) -> tuple[str | None, Any] | None:
+    """Where the state of component ``name`` is in ``checkpoint``: ``(key, state)``, or None.
+
+    The keys of ``STATE_KEYS[name]`` (``f"{name}_state_dict"`` for other names) are tried in order.
+    The first one holds the state if its value is a mapping (for a component other than the model,
+    anything but None). The others hold it only if their value looks like that state: a mapping of
+    names to tensors for the model (``state_dict``, ``model``), a dict with ``param_groups`` for
+    the optimizer, a dict for the scheduler. Failing all, a checkpoint that is itself a mapping of
+    tensors (a bare state dict) is the model's state, with key None.
+
+    Args:
+        checkpoint: a checkpoint dict.
+        name: ``"model"``, ``"optimizer"``, ``"scheduler"``, or another component's name.
+
+    Returns:
+        ``(key, state)``; None if the checkpoint holds no state for ``name``.
+    """
+    first, *others = STATE_KEYS.get(name, (f"{name}_state_dict",))
+    value = checkpoint.get(first)
+    if value is not None and (name != "model" or isinstance(value, Mapping)):
+        return first, value
+    looks_right = {
+        "model": _maps_to_tensors,
+        "optimizer": lambda state: isinstance(state, Mapping) and "param_groups" in state,
+    }.get(name, lambda state: isinstance(state, Mapping))
+    for key in others:
+        if looks_right(checkpoint.get(key)):
+            return key, checkpoint[key]
+    if name == "model" and _maps_to_tensors(checkpoint):
+        return None, checkpoint
+    return None
+
+
+def missing_states_error(source: Any, missing: list[str], checkpoint: Mapping[str, Any], outcome: str) -> KeyError:
+    """The error for the states ``missing`` from ``checkpoint``: it names them and the keys the checkpoint holds.
+
+    Args:
+        source: where the checkpoint came from, e.g. ``"'last.pth'"``.
+        missing: the keys looked for in vain, e.g. ``["model_state_dict"]``.
+        checkpoint: the checkpoint dict.
+        outcome: what the caller did instead, e.g. ``"nothing was loaded"``.
+
+    Returns:
+        A ``KeyError`` to raise.
+    """
+    keys = [str(key) for key in checkpoint]
+    held = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
+    return KeyError(
+        f"checkpoint {source} has no state for: {', '.join(missing)} ({outcome}); it holds: {held or 'nothing'}"
+    )
+
+
+def _maps_to_tensors(value: Any) -> bool:
+    """Whether ``value`` is a model state dict: a mapping whose values are tensors (or a module's extra state)."""
+    return isinstance(value, Mapping) and all(
+        isinstance(item, torch.Tensor) or (isinstance(key, str) and key.endswith("_extra_state"))
+        for key, item in value.items()
+    )
 
 
 def _undo_for(component: Any) -> Callable[[], None]:
@@ -99,10 +178,14 @@ def _undo_for(component: Any) -> Callable[[], None]:
     return undo
 
 
-def _load_one(component: Any, state: Any, strict: bool) -> None:
-    """Load ``state`` into ``component``; ValueError if it visibly belongs to something else."""
+def _load_one(component: Any, state: Any, strict: bool) -> Any:
+    """Load ``state`` into ``component``; ValueError if it visibly belongs to something else.
+
+    Returns:
+        For a module, what its ``load_state_dict`` returns (the missing and unexpected keys); else None.
+    """
     if isinstance(component, nn.Module):
-        unwrap_model(component).load_state_dict(state, strict=strict)
+        return unwrap_model(component).load_state_dict(state, strict=strict)
     elif isinstance(component, torch.optim.Optimizer):
         _check_state_shapes(component, state)
         before = [set(group) for group in component.param_groups]

@@ -17,7 +17,7 @@ from batteries._checks import check_file_name
 from batteries._io import atomic_link, atomic_write
 from batteries._read import torch_load
 from batteries._safe import make_safe
-from batteries._states import load_states, state_parts  # resume.py imports them from here
+from batteries._states import find_state, load_states, missing_states_error, state_parts  # resume.py imports some
 from batteries.model import strip_prefixes, unwrap_model
 
 __all__ = [
@@ -190,16 +190,18 @@ def load_checkpoint(
     """Load a checkpoint file and, optionally, its states into a model, optimizer and scheduler.
 
     The model may be bare or wrapped whichever way the checkpoint was saved (``module.`` /
-    ``_orig_mod.`` prefixes are matched); a file holding a bare state dict loads into ``model``.
-    All or nothing: if a state is missing or does not fit, no component is changed.
+    ``_orig_mod.`` prefixes are matched). All or nothing: if a state is missing or does not fit, no
+    component is changed. Each state is looked for in this order (docs/checkpoint-files.md):
+    model: ``model_state_dict``, ``state_dict``, ``model`` (the last two only if they map names to
+    tensors), then the file itself if it is a bare state dict; optimizer: ``optimizer_state_dict``,
+    ``optimizer``; scheduler: ``scheduler_state_dict``, ``scheduler``.
 
     Args:
         checkpoint_file: path of the file.
-        model: module to load ``model_state_dict`` into. Default None.
-        optimizer: optimizer to load ``optimizer_state_dict`` into. Default None.
-        scheduler: scheduler to load ``scheduler_state_dict`` into. Default None.
+        model, optimizer, scheduler: components to load into; None skips one. Default None.
         map_location: passed to ``torch.load``. Default ``"cpu"``.
-        strict: passed to ``model.load_state_dict``. Default True.
+        strict: passed to ``model.load_state_dict``; with False the keys it skipped are logged as a
+            warning. Default True.
         weights_only: refuse pickled objects other than tensors and plain containers, so an
             untrusted file cannot run code. Default True; pass False only for files you trust.
         verbose: print which file was loaded. Default True.
@@ -208,14 +210,13 @@ def load_checkpoint(
         The checkpoint dict.
 
     Raises:
-        FileNotFoundError: if ``checkpoint_file`` does not exist.
-        IsADirectoryError: if it is a folder.
+        FileNotFoundError / IsADirectoryError: if ``checkpoint_file`` does not exist / is a folder.
         pickle.UnpicklingError: if ``weights_only=True`` refuses the file's content (the message
             lists what it refused and says how to opt out for a trusted file).
         ValueError: if the file loads on the CPU but not with ``map_location``.
         RuntimeError: if the file is not a torch checkpoint (git-lfs pointer, HTML page, plain
             pickle, ...), is truncated or corrupt, or a state does not fit its component.
-        KeyError: naming every component given whose state the checkpoint lacks.
+        KeyError: naming every component given whose state the file lacks, and the keys it holds.
     """
     path = Path(checkpoint_file)
     if path.is_dir():
@@ -228,7 +229,7 @@ def load_checkpoint(
     components = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     parts, missing = state_parts(checkpoint, components, f"'{path}'")
     if missing:
-        raise KeyError(f"checkpoint '{path}' has no state for: {', '.join(missing)} (nothing was loaded)")
+        raise missing_states_error(f"'{path}'", missing, checkpoint, "nothing was loaded")
     load_states(parts, f"'{path}'", strict)
     if verbose:
         print(f"=> loaded checkpoint '{path}'" + (f" (epoch {checkpoint['epoch']})" if "epoch" in checkpoint else ""))
@@ -243,29 +244,68 @@ def average_checkpoints(*files: str | os.PathLike) -> OrderedDict[str, torch.Ten
     ``scripts/average_checkpoints.py``.
 
     Args:
-        *files: checkpoint paths (or one list of paths), each holding ``model_state_dict`` or a
-            bare state dict. Loaded on the CPU with ``weights_only=True``.
+        *files: checkpoint paths (or one list of paths), each holding a model state where
+            :func:`load_checkpoint` finds it (``model_state_dict``, ...) or a bare state dict.
+            Loaded on the CPU with ``weights_only=True``.
 
     Returns:
         A model state dict (keys without wrapper prefixes) to pass to ``model.load_state_dict``.
 
     Raises:
         ValueError: if no file is given, or the files hold different keys or shapes.
+        KeyError: if a file holds no model state.
         FileNotFoundError / RuntimeError: as :func:`load_checkpoint`.
     """
+    return _average(files, keep_first=False)[0]
+
+
+def average_model_state_dicts(*files: str | os.PathLike) -> dict[str, Any]:
+    """The original toolkit's averaging: the first checkpoint, its model state replaced by the average.
+
+    Averages as :func:`average_checkpoints` does. The model state is replaced under the key it was
+    found under (``model_state_dict`` in this toolkit's files); a bare state dict file gives
+    ``{"model_state_dict": averaged}``.
+
+    Args:
+        *files: checkpoint paths (or one list of paths), as for :func:`average_checkpoints`.
+
+    Returns:
+        The first file's checkpoint dict, with the averaged model state.
+
+    Raises:
+        ValueError, KeyError, FileNotFoundError, RuntimeError: as :func:`average_checkpoints`.
+
+    Example:
+        >>> averaged = average_model_state_dicts("exp_8.pth", "exp_9.pth", "exp_10.pth")
+        >>> model.load_state_dict(averaged["model_state_dict"])
+    """
+    averaged, first, key = _average(files, keep_first=True)
+    return {**first, key or "model_state_dict": averaged}
+
+
+def _average(
+    files: tuple[Any, ...], keep_first: bool
+) -> tuple[OrderedDict[str, torch.Tensor], Mapping[str, Any], str | None]:
+    """``(averaged model state, first checkpoint or {}, the key of its model state or None)``."""
     if len(files) == 1 and isinstance(files[0], (list, tuple)):
         files = tuple(files[0])
     if not files:
         raise ValueError("average_checkpoints needs at least one checkpoint file, got none")
     sums: OrderedDict[str, torch.Tensor] = OrderedDict()
     last: Mapping[str, torch.Tensor] = {}
+    first: Mapping[str, Any] = {}
+    first_key = None
     for index, file in enumerate(files):
         checkpoint = load_checkpoint(file, verbose=False)
-        state = checkpoint.get("model_state_dict", checkpoint)
-        state = strip_prefixes(state, set(sums) or {""})
+        found = find_state(checkpoint, "model")
+        if found is None:
+            raise missing_states_error(f"'{file}'", ["model_state_dict"], checkpoint, "nothing was averaged")
+        state = strip_prefixes(found[1], set(sums) or {""})
         if index == 0:
-            for key, value in state.items():
-                sums[key] = value.double() if value.is_floating_point() else value
+            first_key = found[0]
+            first = checkpoint if keep_first and first_key is not None else {}  # a bare state dict: nothing else
+            for key, value in state.items():  # a copy: tied float64 tensors are one object
+                sums[key] = value.to(torch.float64, copy=True) if value.is_floating_point() else value
         else:
             if set(state) != set(sums):
                 diff = sorted(set(state) ^ set(sums))
@@ -285,7 +325,4 @@ def average_checkpoints(*files: str | os.PathLike) -> OrderedDict[str, torch.Ten
             averaged[key] = (value / len(files)).to(last[key].dtype)
         else:
             averaged[key] = last[key].clone()
-    return averaged
-
-
-average_model_state_dicts = average_checkpoints
+    return averaged, first, first_key

@@ -41,10 +41,10 @@ class AverageMeter:
     original batteries, timm and pytorch/examples.
 
     Attributes:
-        value: the last value given to :meth:`update` (float; 0 before the first update).
+        value: the last value given to :meth:`update` (float; 0 before the first update); alias ``val``.
         sum: sum of ``value * n`` over all updates (float).
         count: sum of ``n`` over all updates (``counter`` is the original toolkit's name).
-        average: ``sum / count`` (float); 0 while ``count`` is 0.
+        average: ``sum / count`` (float); 0 while ``count`` is 0; alias ``avg``.
 
     Example:
         >>> meter = AverageMeter()
@@ -117,22 +117,42 @@ class AverageMeter:
         """Alias of ``count`` (the original toolkit's name)."""
         return self.count
 
-    def all_reduce(self) -> AverageMeter:
-        """A new meter whose sum and count are summed over all ranks (one collective).
+    @property
+    def avg(self) -> float:
+        """Alias of ``average`` (the name of pytorch/examples and timm)."""
+        return self.average
 
-        Without a process group it is a copy of this meter. ``value`` stays this rank's last value.
-        On NCCL the sums travel on the current CUDA device, on gloo on the CPU.
+    @property
+    def val(self) -> float:
+        """Alias of ``value`` (the name of pytorch/examples and timm)."""
+        return self.value
+
+    def all_reduce(self) -> AverageMeter:
+        """Sum ``sum`` and ``count`` over all ranks, in place (one collective; call it on every rank).
+
+        Afterwards ``average`` is the mean over every rank's updates, as after pytorch/examples'
+        ``all_reduce()``; ``value`` stays this rank's last value. Without a process group nothing
+        changes. Calling it twice counts every rank's updates twice: to keep this rank's sums, reduce
+        a copy (``copy.deepcopy(meter).all_reduce()``). On NCCL the sums travel on the current CUDA
+        device, on gloo on the CPU.
 
         Returns:
-            A new :class:`AverageMeter`; this one is unchanged.
+            This meter, so that ``meter.all_reduce().average`` reads the global mean.
+
+        Example:
+            >>> top1.all_reduce()
+            >>> print(f"Acc@1 {top1.avg:.3f}")  # the same on every rank
         """
         device = distributed.collective_device()
         totals = distributed.sreduce(torch.tensor([self.sum, float(self.count)], dtype=torch.float64, device=device))
-        reduced = type(self)()
-        reduced._value = self._value
-        reduced._sum = totals[0].item()
-        reduced.count = totals[1].item()
-        return reduced
+        total_sum, total_count = totals[0], totals[1].item()
+        if isinstance(self._sum, torch.Tensor):
+            self._sum = total_sum.to(self._sum)  # stays on its device, in its dtype
+        else:
+            self._sum = total_sum.item()
+        is_int = isinstance(self.count, int) and total_count.is_integer()
+        self.count = int(total_count) if is_int else total_count
+        return self
 
     def state_dict(self) -> dict[str, Any]:
         """The running sums, as stored (tensors stay tensors, so a restored meter continues bit-exactly)."""

@@ -14,7 +14,7 @@ from torch import nn
 from batteries import _dcp, distributed
 from batteries._checks import check_bool, check_file_name, check_int, check_number
 from batteries._dcp_load import prepare_load
-from batteries.checkpoint import load_checkpoint, load_states, make_checkpoint, state_parts
+from batteries.checkpoint import load_checkpoint, load_states, make_checkpoint, missing_states_error, state_parts
 from batteries.seed import check_rng_state, get_rng_state, set_rng_state
 
 __all__ = ["make_training_state", "restore_training_state", "find_resume_checkpoint"]
@@ -185,7 +185,7 @@ def restore_training_state(
     if manager is not None and "epoch" not in checkpoint:
         missing.append("epoch")
     if missing:
-        raise KeyError(f"checkpoint {source} has no state for: {', '.join(missing)} (nothing was restored)")
+        raise missing_states_error(source, missing, checkpoint, "nothing was restored")
 
     rng_state = _rng_state_of_this_rank(checkpoint, source) if restore_rng else None
     if manager is not None:  # before anything is restored: a rewind that would fail fails now

@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from batteries import average_checkpoints, load_checkpoint, make_checkpoint, save_checkpoint
+from batteries import (
+    average_checkpoints,
+    average_model_state_dicts,
+    load_checkpoint,
+    make_checkpoint,
+    save_checkpoint,
+)
 
 
 def make_model(seed=0):
@@ -182,6 +188,130 @@ def test_average_checkpoints_errors(tmp_path):
         average_checkpoints(tmp_path / "a.pth", tmp_path / "b.pth")
 
 
+def test_average_model_state_dicts_returns_the_first_checkpoint_with_the_average_as_the_original(tmp_path):
+    models = [make_model(seed) for seed in range(3)]
+    optimizer = torch.optim.SGD(models[0].parameters(), lr=0.1)
+    for index, model in enumerate(models):
+        checkpoint = make_checkpoint("s", index, model, optimizer if index == 0 else None, metrics={"loss": index})
+        save_checkpoint(checkpoint, tmp_path, f"c{index}.pth")
+    files = [tmp_path / f"c{index}.pth" for index in range(3)]
+    averaged = average_model_state_dicts(*files)
+    first = torch.load(files[0], weights_only=True)
+    assert averaged.keys() == first.keys() and averaged["epoch"] == 0 and averaged["metrics"] == {"loss": 0}
+    assert averaged["optimizer_state_dict"]["param_groups"] == first["optimizer_state_dict"]["param_groups"]
+    expected = average_checkpoints(*files)  # the averaged state dict itself
+    assert "model_state_dict" not in expected and averaged["model_state_dict"].keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(averaged["model_state_dict"][key], value)
+    torch.save(models[0].state_dict(), tmp_path / "bare.pth")  # a bare state dict: nothing else to keep
+    bare = average_model_state_dicts([tmp_path / "bare.pth", files[1]])
+    assert list(bare) == ["model_state_dict"] and bare["model_state_dict"].keys() == expected.keys()
+
+
+class TiedDouble(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(5, 3).double()
+        self.head = nn.Linear(3, 5, bias=False).double()
+        self.head.weight = self.embed.weight
+
+
+def test_average_checkpoints_of_tied_float64_weights_adds_each_file_once(tmp_path):
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        models.append(TiedDouble())
+        torch.save({"model_state_dict": models[-1].state_dict()}, tmp_path / f"c{seed}.pth")
+    averaged = average_checkpoints(tmp_path / "c0.pth", tmp_path / "c1.pth")
+    expected = (models[0].embed.weight + models[1].embed.weight) / 2
+    torch.testing.assert_close(averaged["embed.weight"], expected)
+    torch.testing.assert_close(averaged["head.weight"], expected)
+
+
+def stepped_setup(seed):
+    model = make_model(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)
+    model(torch.randn(5, 4)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    return model, optimizer, scheduler
+
+
+@pytest.mark.parametrize("layout", ["pytorch/examples", "nanoGPT"])
+def test_load_checkpoint_reads_the_layouts_of_pytorch_examples_and_nanogpt(tmp_path, layout):
+    model, optimizer, scheduler = stepped_setup(1)
+    if layout == "pytorch/examples":  # imagenet/main.py's save_checkpoint, the model under DataParallel
+        checkpoint = {"epoch": 3, "arch": "resnet18", "state_dict": nn.DataParallel(model).state_dict(),
+                      "best_acc1": torch.tensor(71.5), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict()}  # fmt: skip
+    else:  # nanoGPT's train.py: the model's keys carry torch.compile's prefix
+        state = {f"_orig_mod.{key}": value for key, value in model.state_dict().items()}
+        checkpoint = {"model": state, "optimizer": optimizer.state_dict(), "model_args": {"n_layer": 2},
+                      "iter_num": 7, "best_val_loss": 1.25, "config": {"lr": 0.1}}  # fmt: skip
+    torch.save(checkpoint, tmp_path / "c.pth")
+    target, target_optimizer, target_scheduler = stepped_setup(2)
+    loaded = load_checkpoint(
+        tmp_path / "c.pth", target, target_optimizer, target_scheduler if layout != "nanoGPT" else None, verbose=False
+    )
+    assert loaded.keys() == checkpoint.keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+    momentum = target_optimizer.state_dict()["state"][0]["momentum_buffer"]
+    assert torch.equal(momentum, optimizer.state_dict()["state"][0]["momentum_buffer"])
+    if layout != "nanoGPT":
+        assert target_scheduler.state_dict() == scheduler.state_dict()
+
+
+def test_the_toolkit_key_comes_first_and_a_non_state_is_never_taken_for_one(tmp_path):
+    first, second = make_model(1), make_model(2)
+    torch.save({"model_state_dict": first.state_dict(), "state_dict": second.state_dict()}, tmp_path / "both.pth")
+    target = make_model(3)
+    load_checkpoint(tmp_path / "both.pth", target, verbose=False)
+    assert torch.equal(target[0].weight, first[0].weight)
+    torch.save({"state_dict": {"lr": 0.1}, "model": "resnet18", "optimizer": {"name": "sgd"}}, tmp_path / "no.pth")
+    optimizer = torch.optim.SGD(target.parameters(), lr=1.0)
+    with pytest.raises(KeyError, match="no state for: model_state_dict, optimizer_state_dict"):
+        load_checkpoint(tmp_path / "no.pth", target, optimizer, verbose=False)
+    assert torch.equal(target[0].weight, first[0].weight)  # nothing loaded
+
+
+def test_a_missing_state_error_lists_the_keys_the_file_holds(tmp_path):
+    torch.save({"epoch": 3, "arch": "resnet18", "net": make_model().state_dict()}, tmp_path / "c.pth")
+    with pytest.raises(
+        KeyError, match=r"has no state for: model_state_dict \(nothing was loaded\); it holds: epoch, arch, net"
+    ):
+        load_checkpoint(tmp_path / "c.pth", make_model(), verbose=False)
+    many = {f"key{index}": index for index in range(25)}
+    torch.save(many, tmp_path / "many.pth")
+    with pytest.raises(KeyError, match=r"it holds: key0, key1, .*key19, \.\.\. \(5 more\)"):
+        load_checkpoint(tmp_path / "many.pth", make_model(), verbose=False)
+
+
+def test_load_checkpoint_not_strict_loads_what_fits_and_warns_what_it_skipped(tmp_path, caplog):
+    source = make_model(1)
+    state = source.state_dict()
+    state["extra.weight"] = torch.ones(2)  # a key the model lacks
+    del state["1.running_var"]  # a key the model has
+    torch.save({"model_state_dict": state}, tmp_path / "c.pth")
+    target = make_model(2)
+    running_var = target[1].running_var.clone()
+    with pytest.raises(RuntimeError, match="does not fit"):
+        load_checkpoint(tmp_path / "c.pth", target, verbose=False)
+    with caplog.at_level("WARNING", logger="batteries"):
+        loaded = load_checkpoint(tmp_path / "c.pth", target, strict=False, verbose=False)
+    assert "extra.weight" in loaded["model_state_dict"]
+    assert torch.equal(target[0].weight, source[0].weight) and torch.equal(target[1].running_var, running_var)
+    [record] = [r for r in caplog.records if "strict=False" in r.getMessage()]
+    assert "['1.running_var']" in record.getMessage() and "['extra.weight']" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="batteries"):
+        load_checkpoint(tmp_path / "c.pth", make_model(), strict=False, verbose=False)
+        torch.save({"model_state_dict": source.state_dict()}, tmp_path / "full.pth")
+        load_checkpoint(tmp_path / "full.pth", make_model(), strict=False, verbose=False)
+    assert len([r for r in caplog.records if "strict=False" in r.getMessage()]) == 1  # nothing skipped: silent
+
+
 # ---------------------------------------------------------------- full training state
 from batteries import EMA, EarlyStopIndicator, make_training_state, restore_training_state, set_rng_state  # noqa: E402
 
@@ -265,6 +395,8 @@ def test_restore_names_every_missing_part(tmp_path):
     plain = make_checkpoint("s", 1, model)
     with pytest.raises(KeyError, match="rng_states"):
         restore_training_state(plain, model)
+    with pytest.raises(KeyError, match=r"nothing was restored\); it holds: stage, epoch, model_state_dict'"):
+        restore_training_state(plain, model, restore_rng=False, optimizer=optimizer)
 
 
 def test_restore_with_other_world_size_warns(tmp_path):

@@ -101,8 +101,9 @@ def all_checks(rank, world_size, order_file):
     meter = AverageMeter()
     for step in range(rank + 1):
         meter.update(torch.tensor(float(rank * 10 + step)), n=2)
-    reduced = meter.all_reduce()
-    results["meter"] = (reduced.average, reduced.count, meter.count)
+    local_count = meter.count
+    reduced = meter.all_reduce()  # in place
+    results["meter"] = (reduced.average, reduced.count, local_count)
     # zero_rank_first: rank 0's body ends before any other starts
     with distributed.zero_rank_first():
         if rank == 0:

@@ -86,3 +86,27 @@ def test_tied_weights_move_once_per_update():
     new = model.state_dict()
     for name, value in ema.module.state_dict().items():  # embed.weight and head.weight alike
         torch.testing.assert_close(value, 0.9 * old[name] + 0.1 * new[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", ["meta", torch.device("meta")] + (["cuda"] if torch.cuda.is_available() else []))
+def test_device_keeps_the_average_there_and_leaves_the_model_where_it_is(device):
+    model = make_model()
+    ema = EMA(model, decay=0.5, device=device)
+    expected = torch.device(device).type
+    assert {value.device.type for value in ema.module.state_dict().values()} == {expected}
+    assert {value.device.type for value in model.state_dict().values()} == {"cpu"}
+    model.train()(torch.randn(8, 3))
+    ema.update(model)  # the model's tensors are moved to the average's device for the update
+    ema.set(model)
+    assert {value.device.type for value in ema.module.state_dict().values()} == {expected}
+    if expected != "meta":
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(ema.module.state_dict()[key].cpu(), value)
+
+
+def test_device_none_keeps_the_model_device_and_values():
+    model = make_model()
+    ema = EMA(model, decay=0.5)
+    assert ema.device is None and all(value.device.type == "cpu" for value in ema.module.state_dict().values())
+    for key, value in model.state_dict().items():
+        assert torch.equal(ema.module.state_dict()[key], value)

@@ -119,11 +119,58 @@ def test_seed_spelling_alias():
     assert meter.counter == 4 and meter.average == 2.0
 
 
-def test_all_reduce_single_process_is_a_copy():
+def test_all_reduce_single_process_returns_the_meter_unchanged():
     meter = AverageMeter()
     meter.update(torch.tensor(3.0), 2)
     reduced = meter.all_reduce()
-    assert reduced is not meter and reduced.average == 3.0 and reduced.count == 2
+    assert reduced is meter and reduced.average == 3.0 and reduced.count == 2 and type(reduced.count) is int
+    assert isinstance(meter._sum, torch.Tensor) and meter._sum.dtype == torch.float64  # stays a tensor
+
+
+def test_avg_and_val_are_the_names_of_pytorch_examples_and_timm():
+    meter = AverageMeter()
+    assert (meter.avg, meter.val) == (0, 0)
+    meter.update(1.0, n=3)
+    meter.update(torch.tensor(5.0), n=1)
+    assert meter.avg == meter.average == 2.0 and meter.val == meter.value == 5.0
+
+
+def test_average_metter_is_average_meter():
+    assert AverageMetter is AverageMeter
+
+
+def examples_style_meters(rank, world_size):
+    """pytorch/examples' imagenet: ``top1.all_reduce()``, then ``top1.avg`` is read."""
+    import copy
+
+    top1, losses = AverageMeter(), AverageMeter()
+    for step in range(rank + 1):  # rank r sees r + 1 batches
+        top1.update(torch.tensor(float(rank * 10 + step)), n=2)
+        losses.update(float(rank), n=3)
+    local = copy.deepcopy(top1).all_reduce()  # a copy reduced: the meter itself keeps this rank's sums
+    kept = (top1.count, top1.avg)
+    returned = top1.all_reduce()
+    losses.all_reduce()
+    return {
+        "kept": kept,
+        "copy": (local.avg, local.count),
+        "top1": (top1.avg, top1.count, type(top1.count).__name__, top1.val, returned is top1),
+        "losses": (losses.avg, losses.count, losses.sum),
+    }
+
+
+def test_all_reduce_in_place_across_two_gloo_processes():
+    from spawn import run_workers
+
+    values = [rank * 10 + step for rank in range(2) for step in range(rank + 1)]
+    for rank, result in enumerate(run_workers(examples_style_meters, 2)):
+        average, count, count_type, last, returned_self = result["top1"]
+        assert average == pytest.approx(sum(values) / len(values)) and count == 2 * len(values)
+        assert count_type == "int" and last == rank * 10 + rank and returned_self
+        assert result["losses"] == (pytest.approx(6 / 9), 9, pytest.approx(6.0))  # rank 0: 0 x 3, rank 1: 1 x 6
+        assert result["copy"] == (pytest.approx(sum(values) / len(values)), 2 * len(values))
+        own = [rank * 10 + step for step in range(rank + 1)]
+        assert result["kept"] == (2 * len(own), pytest.approx(sum(own) / len(own)))
 
 
 def test_state_dict_continues_bit_exactly(tmp_path):

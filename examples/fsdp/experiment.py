@@ -21,6 +21,7 @@ step, metrics.json), ``tensorboard/`` and ``train.log``.
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import math
 import os
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
             logger.info(f"stopped by {stop.signal_name} at epoch {epoch}, batch {batch}; continue with --resume auto")
             break
         broadcast_buffers(model)  # every rank validates the model rank 0 saves (BatchNorm statistics)
-        train = {name: meter.all_reduce().average for name, meter in meters.items()}  # over all ranks
+        train = {name: copy.deepcopy(meter).all_reduce().average for name, meter in meters.items()}  # over all ranks
         valid = valid_fn(model, valid_loader, args)
         logger.info(f"epoch {epoch}/{args.epochs}: train {line(train)} | valid {line(valid)}")
         tensorboard.add_metric("train", train, epoch)
