@@ -1,17 +1,8 @@
-"""Sharded checkpoints through ``torch.distributed.checkpoint`` (DCP): write, read safely, load in place.
+"""Sharded checkpoints through ``torch.distributed.checkpoint`` (DCP): folders, states, write, read safely.
 
-A sharded checkpoint is a folder: one ``__<rank>_0.distcp`` file per rank that holds tensors (each
-rank its own shards) and DCP's ``.metadata``. The state written is the dict of
-``make_training_state(..., sharded=True)``: ``model_state_dict`` and ``optimizer_state_dict``
-keyed by parameter names (DTensor shards under FSDP2, whole tensors in one process), which every
-rank writes, and the other entries (epoch, step, RNG states, ...), which global rank 0 writes.
-
-Reading is hardened where DCP trusts its files: ``.metadata`` is unpickled with an allowlist of
-DCP's own classes, and the non-tensor items are read with ``torch.load(weights_only=True)`` (DCP
-itself uses ``weights_only=False``). Reads never run a collective (``no_dist``): each rank reads
-the pieces it needs, so a read on one rank alone cannot hang.
-
-``torch.distributed.checkpoint`` costs about a second to import: it is imported on first use.
+A sharded checkpoint is a folder: one ``__<rank>_0.distcp`` file per rank and DCP's ``.metadata``.
+Reads use an allowlist and ``weights_only=True`` and run no collective (docs/checkpoint-manager.md).
+``torch.distributed.checkpoint`` is imported on first use (it costs about a second).
 """
 
 from __future__ import annotations
@@ -31,6 +22,7 @@ from torch import nn
 
 from batteries import distributed
 from batteries._io import fsync_dir, tmp_path
+from batteries._safe import make_safe
 
 METADATA = ".metadata"
 MODEL, OPTIMIZER = "model_state_dict", "optimizer_state_dict"
@@ -45,12 +37,8 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def remove_tree(path: Path) -> None:
-    """Delete the folder (or file, or link) ``path`` so that no half-deleted folder is ever visible.
-
-    A folder is first renamed to a hidden temporary name of this process (``_io.tmp_path``) and the
-    parent fsynced, then deleted: a crash in between leaves a hidden folder of a dead process,
-    which a later repair removes. A missing ``path`` is fine.
-    """
+    """Delete the folder, file or link ``path`` (missing is fine); a folder is renamed to a hidden
+    temporary name first, so that no half-deleted folder is ever visible."""
     if path.is_symlink() or path.is_file():
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -76,11 +64,8 @@ def remove_temporary(path: Path) -> None:
 
 
 def atomic_symlink(target_name: str, link: Path) -> None:
-    """Point the symbolic link ``link`` at ``target_name`` (relative, in the same folder), atomically.
-
-    The new link is made under a temporary name and ``os.replace``d over the old one, then the
-    folder is fsynced: at any instant ``link`` is the old link or the new one.
-    """
+    """Point the symbolic link ``link`` at ``target_name`` (relative), atomically: a new link under a
+    temporary name, ``os.replace``d over the old one."""
     if link.is_symlink() and os.readlink(link) == target_name:
         return
     tmp = tmp_path(link)
@@ -104,8 +89,6 @@ def commit_folder(tmp: Path, final: Path) -> None:
 # ----------------------------------------------------------------------------- states
 def _plain(value: Any, where: str) -> Any:
     """A state dict from ``get_state_dict`` with its non-tensor leaves made safe to load (tensors kept)."""
-    from batteries.checkpoint import _safe
-
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, Mapping):
@@ -113,16 +96,12 @@ def _plain(value: Any, where: str) -> Any:
     if isinstance(value, (list, tuple)):
         items = [_plain(item, f"{where}[{index}]") for index, item in enumerate(value)]
         return tuple(items) if isinstance(value, tuple) else items
-    return _safe(value, where, state=True)
+    return make_safe(value, where, state=True)
 
 
 def model_and_optimizer_states(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """``{"model_state_dict", "optimizer_state_dict"}`` keyed by parameter names, from ``get_state_dict``.
-
-    Under FSDP2 the tensors are this rank's DTensor shards (nothing is gathered); for a plain or
-    DDP-wrapped model they are whole tensors. The optimizer state is keyed by parameter names,
-    not by position, so that DCP can reshard it for another number of processes.
-    """
+    """``{"model_state_dict", "optimizer_state_dict"}`` keyed by parameter names (DCP can reshard them),
+    from ``get_state_dict``: this rank's DTensor shards under FSDP2, whole tensors otherwise."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     if optimizer is None:
@@ -152,12 +131,8 @@ def check_state(checkpoint: Any) -> None:
 
 
 def rank_share(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """What this rank writes: everything on global rank 0; the model and optimizer states elsewhere.
-
-    The other entries may differ between ranks (the RNG states gathered on rank 0 only): DCP would
-    keep one rank's copy, so only rank 0 gives them. Replicated tensors (BatchNorm buffers under
-    FSDP2) are kept from the lowest rank too (see :func:`save`).
-    """
+    """What this rank writes: everything on global rank 0; the model and optimizer states elsewhere
+    (the other entries, e.g. RNG states gathered on rank 0, may differ between ranks)."""
     if distributed.get_rank() == 0:
         return {key: value if key in PARTS else _encode_empty(value) for key, value in checkpoint.items()}
     return {key: value for key, value in checkpoint.items() if key in PARTS}
@@ -313,26 +288,53 @@ def read_metadata(folder: str | os.PathLike) -> Any:
 
 def _planner(flatten: bool) -> Any:
     from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint._traverse import set_element
 
     class SafeLoadPlanner(DefaultLoadPlanner):
         """DCP's planner with non-tensor items read by ``torch.load(weights_only=True)``."""
 
         def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
             obj = torch.load(value, weights_only=True)
-            if self.flatten_state_dict:
-                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-            else:  # the dict given (self.state_dict may be a copy of it)
+            if self.flatten_state_dict:  # at its path in the nested dict given
+                put(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:  # into the dict given (self.state_dict may be a copy of it)
                 self.original_state_dict[read_item.dest_index.fqn] = obj
 
     return SafeLoadPlanner(flatten_state_dict=flatten)
 
 
-def _load(folder: Path, state: dict[str, Any], flatten: bool) -> None:
+def load(folder: Path, state: dict[str, Any], *, flatten: bool) -> None:
+    """Read ``state``'s items from ``folder`` on this rank alone: tensors in place, other items replaced.
+
+    ``flatten``: ``state`` is nested as saved (else keyed by DCP's flat keys, as in the metadata).
+    """
     import torch.distributed.checkpoint as dcp
 
     with _quiet(), _plain_errors():
         dcp.load(state, storage_reader=_reader(folder), planner=_planner(flatten), no_dist=True)
+
+
+def flat_items(state: dict[str, Any], metadata: Any) -> dict[str, Any]:
+    """The leaves of the nested ``state`` under the flat keys DCP saves them with (DCP's own flattening)."""
+    planner = _planner(flatten=True)
+    planner.set_up_planner(state, metadata)
+    return planner.state_dict
+
+
+def put(root: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
+    """Set ``value`` at ``path`` in ``root``, making the dicts (str keys) and lists (int keys) on the way."""
+    container: Any = root
+    for key, following in zip(path, path[1:]):
+        empty: Any = {} if type(following) is str else []
+        if isinstance(container, Mapping):
+            container = container.setdefault(key, empty)
+            continue
+        container.extend([None] * (key + 1 - len(container)))
+        if container[key] is None:
+            container[key] = empty
+        container = container[key]
+    if type(path[-1]) is int:
+        container.extend([None] * (path[-1] + 1 - len(container)))
+    container[path[-1]] = value
 
 
 def top_level_keys(metadata: Any) -> set[str]:
@@ -356,7 +358,6 @@ def load_entries(folder: str | os.PathLike, metadata: Any = None, keys: set[str]
     Raises:
         FileNotFoundError / RuntimeError: as :func:`read_metadata`, or for a file that cannot be read.
     """
-    from torch.distributed.checkpoint._traverse import set_element
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     folder = Path(folder)
@@ -372,114 +373,10 @@ def load_entries(folder: str | os.PathLike, metadata: Any = None, keys: set[str]
     if not flat:
         return {}
     try:
-        _load(folder, flat, flatten=False)
+        load(folder, flat, flatten=False)
     except Exception as error:
         raise RuntimeError(f"sharded checkpoint '{folder}' cannot be read: {type(error).__name__}: {error}") from error
     nested: dict[str, Any] = {}
     for key, value in flat.items():
-        set_element(nested, planner_data.get(key, (key,)), value)
+        put(nested, planner_data.get(key, (key,)), value)
     return _decode_empty(nested)
-
-
-# ----------------------------------------------------------------------------- loading in place
-def _global_shape(tensor: torch.Tensor) -> tuple[int, ...]:
-    return tuple(tensor.shape)  # a DTensor's shape is the global one
-
-
-def prepare_load(
-    folder: Path,
-    metadata: Any,
-    model: nn.Module | None,
-    optimizer: torch.optim.Optimizer | None,
-    strict: bool,
-    source: str,
-) -> Any:
-    """Read the model / optimizer states for ``model`` / ``optimizer`` from ``folder`` without changing them.
-
-    The states are read into copies of this rank's current shards (DCP reshards: the folder may
-    come from any number of processes); nothing is gathered. Returns ``(apply, cancel)``: ``apply()``
-    loads them (``set_state_dict``); ``cancel()`` undoes what reading them did (``get_state_dict``
-    fills an empty optimizer state with zeros), for a restore that fails later. ``(None, None)``
-    when neither is given.
-
-    Raises:
-        RuntimeError: naming the part, if the saved states do not fit (other names, other shapes,
-            another optimizer class) or a file cannot be read; nothing is changed then.
-    """
-    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
-
-    if model is None and optimizer is None:
-        return None, None
-    if model is None:
-        raise ValueError("restoring an optimizer from a sharded checkpoint needs its model (states are keyed by name)")
-    had_state = optimizer is not None and bool(optimizer.state)
-
-    def cancel() -> None:
-        if optimizer is not None and not had_state:
-            optimizer.state.clear()  # as it was: get_state_dict filled it with zeros
-
-    try:
-        current = model_and_optimizer_states(model, optimizer)  # get_state_dict may initialise an empty optimizer state
-        target = {key: _copy_tensors(value) for key, value in current.items()}
-        flat, _ = flatten_state_dict(target)
-        saved = metadata.state_dict_metadata
-        for part in target:
-            wanted = {key for key in flat if key.startswith(f"{part}.")}
-            present = {key for key in saved if key.startswith(f"{part}.")}
-            missing, unexpected = sorted(wanted - present), sorted(present - wanted)
-            if missing or (unexpected and (strict or part == OPTIMIZER)):
-                raise RuntimeError(
-                    f"the {part.removesuffix('_state_dict')} state in {source} does not fit the "
-                    f"{type(model if part == MODEL else optimizer).__name__} given: "
-                    + "; ".join(
-                        f"{what} {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
-                        for what, keys in (("missing", missing), ("unexpected", unexpected))
-                        if keys
-                    )
-                    + ". Nothing was restored."
-                )
-            for key in wanted:
-                value, item = flat[key], saved[key]
-                if isinstance(value, torch.Tensor) != isinstance(item, TensorStorageMetadata) or (
-                    isinstance(value, torch.Tensor) and _global_shape(value) != tuple(item.size)
-                ):
-                    shown = tuple(item.size) if isinstance(item, TensorStorageMetadata) else "a non-tensor"
-                    mine = _global_shape(value) if isinstance(value, torch.Tensor) else "a non-tensor"
-                    raise RuntimeError(
-                        f"the {part.removesuffix('_state_dict')} state in {source} does not fit: {key!r} is "
-                        f"{shown} in the checkpoint, {mine} here. Nothing was restored."
-                    )
-        try:
-            _load(folder, target, flatten=True)
-        except Exception as error:
-            raise RuntimeError(
-                f"sharded checkpoint {source} cannot be read: {type(error).__name__}: {error}. Nothing was restored."
-            ) from error
-    except BaseException:
-        cancel()
-        raise
-    options = StateDictOptions(strict=strict)
-
-    def apply() -> None:
-        if optimizer is None:
-            set_model_state_dict(model, target[MODEL], options=options)
-        else:
-            set_state_dict(
-                model, optimizer, model_state_dict=target[MODEL], optim_state_dict=target[OPTIMIZER], options=options
-            )
-
-    return apply, cancel
-
-
-def _copy_tensors(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, Mapping):
-        return {key: _copy_tensors(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_copy_tensors(item) for item in value]
-    if isinstance(value, tuple):
-        return tuple(_copy_tensors(item) for item in value)
-    return value

@@ -98,10 +98,10 @@ def gloo_group(*, dedicated: bool = False) -> dist.ProcessGroup | None:
             even if the default group is gloo. Default False.
 
     Returns:
-        None without a process group of more than one rank, else the gloo group.
+        The gloo group; None without a process group, and without ``dedicated`` in one rank.
     """
     dedicated = check_bool(dedicated, "dedicated")
-    if not is_initialized() or dist.get_world_size() == 1:
+    if not is_initialized() or (not dedicated and dist.get_world_size() == 1):
         return None
     if not dedicated and dist.get_backend() == "gloo":
         return dist.group.WORLD

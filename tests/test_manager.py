@@ -1,18 +1,31 @@
+"""CheckpointManager's promises: the N best, best / last, metrics.json, rewind, asynchronous saves.
+
+Tests taking ``kind`` run once per store (one file per checkpoint, one DCP folder per checkpoint);
+the others concern what only one-file checkpoints do (save_fn, hard links).
+"""
+
 import json
 import math
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
 import torch
+from kinds import KINDS, Kind, folder_state
 from torch import nn
 
 from batteries import CheckpointManager, load_checkpoint, make_checkpoint
 
 MODEL = nn.Linear(2, 1)
+
+
+@pytest.fixture(params=KINDS)
+def kind(request):
+    return Kind(request.param)
 
 
 def checkpoint(epoch):
@@ -36,46 +49,46 @@ def reference_best(scores, n, minimize):
 
 @pytest.mark.parametrize("minimize", [True, False])
 @pytest.mark.parametrize("n_best", [1, 3])
-def test_n_best_matches_reference_sort(tmp_path, minimize, n_best):
+def test_n_best_matches_reference_sort(tmp_path, kind, minimize, n_best):
     rng = np.random.default_rng(n_best + 10 * minimize)
     # few distinct values so that ties happen; a few NaN / inf
     raw = rng.integers(0, 6, size=25).astype(float)
     raw[[4, 11]] = math.nan
     raw[17] = math.inf if minimize else -math.inf
-    manager = CheckpointManager(tmp_path, metric="loss", metric_minimization=minimize, save_n_best=n_best)
+    manager = kind.manager(tmp_path, metric="loss", metric_minimization=minimize, save_n_best=n_best)
     scores = []
     for epoch, score in enumerate(raw, start=1):
-        manager.process(score=float(score), epoch=epoch, checkpoint=checkpoint(epoch))
+        manager.process(score=float(score), epoch=epoch, checkpoint=kind.checkpoint(epoch))
         scores.append((epoch, float(score)))
         kept, best = reference_best(scores, n_best, minimize)
-        assert numbered(tmp_path) == kept
-        assert saved_epoch(tmp_path / "best.pth") == best
-        assert saved_epoch(tmp_path / "last.pth") == epoch
-        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("exp_")) == [
-            "best.pth",
-            "last.pth",
-            "metrics.json",
-        ]
+        assert kind.numbered(tmp_path) == kind.kept(kept, epoch)
+        assert kind.epoch_of(tmp_path / kind.best) == best
+        assert kind.epoch_of(tmp_path / kind.last) == epoch
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("exp_")) == sorted(
+            [kind.best, kind.last, "metrics.json"]
+        )
     assert manager.best_epoch == best
 
 
-def test_metrics_json_records(tmp_path):
-    manager = CheckpointManager(tmp_path, metric="accuracy", metric_minimization=False, save_n_best=2)
-    manager.process(score={"accuracy": np.float32(0.5), "loss": torch.tensor(1.5)}, epoch=1, checkpoint=checkpoint(1))
-    manager.process(score=math.nan, epoch=2, checkpoint=checkpoint(2))
+def test_metrics_json_records(tmp_path, kind):
+    manager = kind.manager(tmp_path, metric="accuracy", metric_minimization=False, save_n_best=2)
+    score = {"accuracy": np.float32(0.5), "loss": torch.tensor(1.5)}
+    manager.process(score=score, epoch=1, checkpoint=kind.checkpoint(1))
+    manager.process(score=math.nan, epoch=2, checkpoint=kind.checkpoint(2))
     data = json.loads((tmp_path / "metrics.json").read_text())
     assert data["metric_name"] == "accuracy" and data["metric_minimization"] is False
+    assert data.get("sharded", False) is kind.sharded
     assert data["values"] == [{"epoch": 1, "accuracy": 0.5, "loss": 1.5}, {"epoch": 2, "accuracy": None}]
     assert manager.best_epoch == 1
 
 
-def test_nan_never_best_even_first(tmp_path):
-    manager = CheckpointManager(tmp_path)
-    manager.process(score=math.nan, epoch=1, checkpoint=checkpoint(1))
-    assert manager.best is None and not (tmp_path / "best.pth").exists()
-    assert saved_epoch(tmp_path / "last.pth") == 1  # last.pth still holds it
-    manager.process(score=3.0, epoch=2, checkpoint=checkpoint(2))
-    assert saved_epoch(tmp_path / "best.pth") == 2
+def test_nan_never_best_even_first(tmp_path, kind):
+    manager = kind.manager(tmp_path)
+    manager.process(score=math.nan, epoch=1, checkpoint=kind.checkpoint(1))
+    assert manager.best is None and not (tmp_path / kind.best).exists()
+    assert kind.epoch_of(tmp_path / kind.last) == 1  # last still holds it
+    manager.process(score=3.0, epoch=2, checkpoint=kind.checkpoint(2))
+    assert kind.epoch_of(tmp_path / kind.best) == 2
 
 
 def test_hard_links_one_write_per_process(tmp_path):
@@ -85,29 +98,34 @@ def test_hard_links_one_write_per_process(tmp_path):
     assert os.path.samefile(tmp_path / "exp_1.pth", tmp_path / "last.pth")
 
 
-def test_custom_names(tmp_path):
-    manager = CheckpointManager(tmp_path, checkpoint_names="model", metrics_file="scores.json")
-    manager.process(score=1.0, epoch=7, checkpoint=checkpoint(7))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "last.pth", "model_7.pth", "scores.json"]
+def test_custom_names(tmp_path, kind):
+    manager = kind.manager(tmp_path, checkpoint_names="model", metrics_file="scores.json")
+    manager.process(score=1.0, epoch=7, checkpoint=kind.checkpoint(7))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [kind.best, kind.last, kind.file(7, "model"), "scores.json"]
+    )
 
 
 REBUILD = textwrap.dedent(
     """
     import sys
     import torch
-    from batteries import CheckpointManager, make_checkpoint
+    from batteries import CheckpointManager, make_checkpoint, make_training_state
     folder, start, scores = sys.argv[1], int(sys.argv[2]), [float(s) for s in sys.argv[3].split(",")]
-    manager = CheckpointManager(folder, metric="loss", metric_minimization=True, save_n_best=2)
+    sharded = sys.argv[4] == "sharded"
+    manager = CheckpointManager(folder, metric="loss", metric_minimization=True, save_n_best=2, sharded=sharded)
+    model = torch.nn.Linear(1, 1)
     for epoch, score in enumerate(scores, start=start):
-        manager.process(score=score, epoch=epoch, checkpoint=make_checkpoint("s", epoch, torch.nn.Linear(1, 1)))
+        state = make_training_state(model, epoch=epoch, sharded=True) if sharded else make_checkpoint("s", epoch, model)
+        manager.process(score=score, epoch=epoch, checkpoint=state)
     print(manager.best_epoch)
     """
 )
 
 
-def run_manager(folder, start, scores):
+def run_manager(folder, start, scores, kind):
     result = subprocess.run(
-        [sys.executable, "-c", REBUILD, str(folder), str(start), ",".join(map(str, scores))],
+        [sys.executable, "-c", REBUILD, str(folder), str(start), ",".join(map(str, scores)), kind.name],
         capture_output=True,
         text=True,
         timeout=120,
@@ -116,13 +134,13 @@ def run_manager(folder, start, scores):
     return int(result.stdout)
 
 
-def test_rebuilt_in_new_process_continues_history(tmp_path):
-    assert run_manager(tmp_path, 1, [5.0, 1.0, 3.0]) == 2
-    best_bytes = (tmp_path / "best.pth").read_bytes()
-    # a new process, only worse scores: best.pth unchanged, exactly 2 numbered files
-    assert run_manager(tmp_path, 4, [4.0, 6.0, 2.0]) == 2
-    assert (tmp_path / "best.pth").read_bytes() == best_bytes
-    assert numbered(tmp_path) == [2, 6]
+def test_rebuilt_in_new_process_continues_history(tmp_path, kind):
+    assert run_manager(tmp_path, 1, [5.0, 1.0, 3.0], kind) == 2
+    best = folder_state(tmp_path / kind.best) if kind.sharded else (tmp_path / "best.pth").read_bytes()
+    # a new process, only worse scores: best unchanged, exactly 2 numbered checkpoints
+    assert run_manager(tmp_path, 4, [4.0, 6.0, 2.0], kind) == 2
+    assert (folder_state(tmp_path / kind.best) if kind.sharded else (tmp_path / "best.pth").read_bytes()) == best
+    assert kind.numbered(tmp_path) == [2, 6]
     values = json.loads((tmp_path / "metrics.json").read_text())["values"]
     assert [v["epoch"] for v in values] == [1, 2, 3, 4, 5, 6]
 
@@ -135,16 +153,16 @@ def test_rebuild_with_other_metric_or_direction_raises(tmp_path):
         CheckpointManager(tmp_path, metric="loss", metric_minimization=False)
 
 
-def test_going_back_needs_rewind(tmp_path):
-    manager = CheckpointManager(tmp_path, save_n_best=3)
+def test_going_back_needs_rewind(tmp_path, kind):
+    manager = kind.manager(tmp_path, save_n_best=3)
     for epoch, score in [(1, 3.0), (2, 1.0), (3, 2.0)]:
-        manager.process(score=score, epoch=epoch, checkpoint=checkpoint(epoch))
-    manager = CheckpointManager(tmp_path, save_n_best=3)  # a run resumed from epoch 1
+        manager.process(score=score, epoch=epoch, checkpoint=kind.checkpoint(epoch))
+    manager = kind.manager(tmp_path, save_n_best=3)  # a run resumed from epoch 1
     manager.rewind(1)
-    manager.process(score=4.0, epoch=2, checkpoint=checkpoint(2))
+    manager.process(score=4.0, epoch=2, checkpoint=kind.checkpoint(2))
     assert [v["epoch"] for v in manager.values] == [1, 2]
-    assert numbered(tmp_path) == [1, 2] and manager.best_epoch == 1
-    assert saved_epoch(tmp_path / "best.pth") == 1
+    assert kind.numbered(tmp_path) == [1, 2] and manager.best_epoch == 1
+    assert kind.epoch_of(tmp_path / kind.best) == 1
 
 
 def test_next_save_repairs_what_a_crash_left(tmp_path):
@@ -176,47 +194,42 @@ def test_bad_arguments(tmp_path, kwargs, match):
         CheckpointManager(tmp_path, **kwargs)
 
 
-def test_bad_scores_raise_before_writing(tmp_path):
-    manager = CheckpointManager(tmp_path, metric="acc")
+def test_bad_scores_raise_before_writing(tmp_path, kind):
+    manager = kind.manager(tmp_path, metric="acc")
     with pytest.raises(KeyError, match="acc"):
-        manager.process(score={"loss": 1.0}, epoch=1, checkpoint=checkpoint(1))
+        manager.process(score={"loss": 1.0}, epoch=1, checkpoint=kind.checkpoint(1))
     with pytest.raises(TypeError, match="number"):
-        manager.process(score="0.5", epoch=1, checkpoint=checkpoint(1))
+        manager.process(score="0.5", epoch=1, checkpoint=kind.checkpoint(1))
     with pytest.raises(ValueError, match="epoch"):
-        manager.process(score=0.5, epoch=-1, checkpoint=checkpoint(1))
+        manager.process(score=0.5, epoch=-1, checkpoint=kind.checkpoint(1))
     assert list(tmp_path.iterdir()) == []
 
 
-def test_rewind_forgets_later_epochs(tmp_path):
-    manager = CheckpointManager(tmp_path, save_n_best=2)
-    for epoch, score in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 0.5)]:
-        manager.process(score=score, epoch=epoch, checkpoint=checkpoint(epoch))
+def test_rewind_forgets_later_epochs(tmp_path, kind):
+    manager = kind.filled(tmp_path, [3.0, 1.0, 2.0, 0.5])
     manager.rewind(2)
     assert [v["epoch"] for v in manager.values] == [1, 2]
     assert [v["epoch"] for v in json.loads((tmp_path / "metrics.json").read_text())["values"]] == [1, 2]
-    assert numbered(tmp_path) == [2]  # epoch 4's file goes; epoch 1's was deleted before and stays gone
-    assert saved_epoch(tmp_path / "best.pth") == 2 and saved_epoch(tmp_path / "last.pth") == 2
+    assert kind.numbered(tmp_path) == [2]  # epoch 4's checkpoint goes; epoch 1's was deleted before and stays gone
+    assert kind.epoch_of(tmp_path / kind.best) == 2 and kind.epoch_of(tmp_path / kind.last) == 2
     with pytest.raises(ValueError, match="epoch"):
         manager.rewind(-1)
 
 
 # ---------------------------------------------------------------- asynchronous save
-import threading  # noqa: E402
-
-
-def test_async_manager_matches_sync_manager(tmp_path):
+def test_async_manager_matches_sync_manager(tmp_path, kind):
     scores = [3.0, 1.0, math.nan, 2.0, 0.5, 0.5, 4.0]
-    sync, asyn = CheckpointManager(tmp_path / "sync", save_n_best=2), None
-    asyn = CheckpointManager(tmp_path / "async", save_n_best=2, async_save=True)
+    sync = kind.manager(tmp_path / "sync", save_n_best=2)
+    asyn = kind.manager(tmp_path / "async", save_n_best=2, async_save=True)
     for epoch, score in enumerate(scores, start=1):
-        sync.process(score=score, epoch=epoch, checkpoint=checkpoint(epoch))
-        asyn.process(score=score, epoch=epoch, checkpoint=checkpoint(epoch))
+        sync.process(score=score, epoch=epoch, checkpoint=kind.checkpoint(epoch))
+        asyn.process(score=score, epoch=epoch, checkpoint=kind.checkpoint(epoch))
     asyn.close()
     assert asyn.values == sync.values
     assert sorted(p.name for p in (tmp_path / "async").iterdir()) == sorted(
         p.name for p in (tmp_path / "sync").iterdir()
     )
-    assert saved_epoch(tmp_path / "async" / "best.pth") == saved_epoch(tmp_path / "sync" / "best.pth")
+    assert kind.epoch_of(tmp_path / "async" / kind.best) == kind.epoch_of(tmp_path / "sync" / kind.best)
 
 
 def test_async_manager_at_most_one_save_in_flight(tmp_path):
@@ -238,20 +251,40 @@ def test_async_manager_at_most_one_save_in_flight(tmp_path):
     assert peak[0] == 1 and [v["epoch"] for v in manager.values] == [1, 2, 3, 4]
 
 
-def test_async_manager_error_surfaces_and_files_stay(tmp_path):
-    manager = CheckpointManager(tmp_path, save_n_best=1, async_save=True)
-    manager.process(score=1.0, epoch=1, checkpoint=checkpoint(1))
-    manager.wait()
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+def _failing_writes(kind, manager, monkeypatch):
+    """Make every write of ``manager`` fail with a full disk, until the monkeypatch context ends."""
 
-    def broken(obj, path):
+    def broken(*args):
         raise OSError(28, "No space left on device")
 
-    manager.save_fn = broken
-    manager.process(score=0.5, epoch=2, checkpoint=checkpoint(2))  # returns; the write fails behind
-    with pytest.raises(OSError, match="No space"):
-        manager.process(score=0.4, epoch=3, checkpoint=checkpoint(3))
-    manager.process(score=0.3, epoch=4, checkpoint=checkpoint(4))
-    with pytest.raises(OSError, match="No space"):
-        manager.close()
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    if kind.sharded:
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        monkeypatch.setattr(FileSystemWriter, "write_data", broken)
+    else:
+        monkeypatch.setattr(manager, "save_fn", broken)
+
+
+def test_async_errors_are_raised_by_wait_by_the_next_process_and_leave_the_folder_as_it_was(
+    tmp_path, kind, monkeypatch
+):
+    manager = kind.filled(tmp_path, [2.0], async_save=True)
+    manager.wait()
+    before = folder_state(tmp_path)
+    with monkeypatch.context() as patch:
+        _failing_writes(kind, manager, patch)
+        manager.process(1.0, 2, kind.checkpoint(2))  # returns: the write fails in the background
+        with pytest.raises(OSError, match="No space left"):
+            manager.wait()
+        manager.process(0.5, 2, kind.checkpoint(2))
+        with pytest.raises(OSError, match="No space left"):
+            manager.process(0.4, 3, kind.checkpoint(3))  # the previous failure first; nothing saved
+        manager.process(0.3, 4, kind.checkpoint(4))
+        with pytest.raises(OSError, match="No space left"):
+            manager.close()
+    assert folder_state(tmp_path) == before
+    assert [record["epoch"] for record in json.loads((tmp_path / "metrics.json").read_text())["values"]] == [1]
+    manager.process(0.5, 2, kind.checkpoint(2))
+    manager.wait()
+    assert [record["epoch"] for record in manager.values] == [1, 2]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

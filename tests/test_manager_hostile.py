@@ -1,16 +1,22 @@
-"""CheckpointManager under hostile use: other processes and ranks on the folder, faults at every
-step of a save, files deleted or edited by hand, epochs that go back, values Python would coerce."""
+"""CheckpointManager under hostile use: other processes and ranks on the folder, faults and kills at
+every step of a save, files deleted or edited by hand, epochs that go back, values Python would coerce.
+
+Tests taking ``kind`` run once per store (one file per checkpoint, one DCP folder per checkpoint)."""
 
 import json
 import math
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from kinds import KINDS, Kind, folder_state
 from spawn import run_workers
 from torch import nn
 
@@ -19,17 +25,17 @@ from batteries import CheckpointManager, load_checkpoint, make_checkpoint
 MODEL = nn.Linear(2, 1)
 
 
+@pytest.fixture(params=KINDS)
+def kind(request):
+    return Kind(request.param)
+
+
 def checkpoint(epoch):
     return make_checkpoint("s", epoch, MODEL)
 
 
 def saved_epoch(path):
     return load_checkpoint(path, verbose=False)["epoch"]
-
-
-def folder_state(folder):
-    """Every entry's name, bytes and inode: any change a manager makes shows."""
-    return {p.name: (p.read_bytes(), p.stat().st_ino) for p in sorted(folder.iterdir())}
 
 
 def filled(folder, scores, n_best=2, **kwargs):
@@ -46,52 +52,76 @@ def dead_pid():
 
 
 # ------------------------------------------------------------------ 1. only the writer changes a folder
-def test_building_a_manager_never_touches_a_writers_files(tmp_path):
-    filled(tmp_path, [3.0, 1.0])
-    # what a live writer has in flight: a numbered file written but not yet recorded, and temporary
+def test_building_a_manager_never_touches_a_writers_files(tmp_path, kind):
+    kind.filled(tmp_path, [3.0, 1.0])
+    # what a live writer has in flight: a numbered checkpoint written but not yet recorded, and temporary
     # files of its own and of save_checkpoint (this test process stands for the live writer)
-    torch.save(checkpoint(3), tmp_path / "exp_3.pth")
-    (tmp_path / f".exp_4.pth.tmp-{os.getpid()}-0123abcd").write_bytes(b"half")
-    (tmp_path / f".step.pth.tmp-{os.getpid()}-4567abcd").write_bytes(b"half")
+    if kind.sharded:
+        shutil.copytree(tmp_path / "exp_2", tmp_path / "exp_3")
+        (tmp_path / f".exp_4.tmp-{os.getpid()}-0123abcd").mkdir()
+        (tmp_path / f".exp_4.tmp-{os.getpid()}-0123abcd" / "__0_0.distcp").write_bytes(b"half")
+    else:
+        torch.save(checkpoint(3), tmp_path / "exp_3.pth")
+        (tmp_path / f".exp_4.pth.tmp-{os.getpid()}-0123abcd").write_bytes(b"half")
+    (tmp_path / f".step{kind.suffix}.tmp-{os.getpid()}-4567abcd").write_bytes(b"half")
     before = folder_state(tmp_path)
     for _ in range(2):
-        CheckpointManager(tmp_path, save_n_best=2)
-        CheckpointManager(tmp_path, save_n_best=1)  # another N-best size: still reads only
+        kind.manager(tmp_path, save_n_best=2)
+        kind.manager(tmp_path, save_n_best=1)  # another N-best size: still reads only
     subprocess.run(
-        [sys.executable, "-c", f"from batteries import CheckpointManager; CheckpointManager({str(tmp_path)!r})"],
+        [
+            sys.executable,
+            "-c",
+            f"from batteries import CheckpointManager; CheckpointManager({str(tmp_path)!r}, sharded={kind.sharded})",
+        ],
         check=True,
         timeout=120,
     )
     assert folder_state(tmp_path) == before
 
 
-def test_a_monitor_building_managers_while_the_writer_saves(tmp_path):
-    """A second process builds managers over the folder in a loop while the writer saves: the writer
-    never fails and every file it committed is there."""
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_monitor_building_managers_and_loading_while_the_writer_saves(tmp_path, kind):
+    """A second process builds managers over the folder and loads every visible checkpoint in a loop while
+    the writer saves: nothing it sees is partial, the writer never fails and every checkpoint it
+    committed is there."""
     payload = torch.arange(200_000, dtype=torch.float32)  # ~1 MB: the writes take a while
     pid = os.fork()
     if pid == 0:  # the writer
         code = 1
         try:
-            manager = CheckpointManager(tmp_path, save_n_best=2)
+            manager = kind.manager(tmp_path, save_n_best=2)
             for epoch in range(1, 41):
                 score = [3.0, 1.0, 2.0, 0.5][epoch % 4] + epoch / 100
-                manager.process(score, epoch, make_checkpoint("s", epoch, MODEL, payload=payload))
+                manager.process(score, epoch, kind.checkpoint(epoch, payload=payload))
+                manager.save(kind.checkpoint(epoch), "step")
             code = 0
         finally:
             os._exit(code)
-    builds, status = 0, None
+    builds, checks, status = 0, 0, None
     while status is None:
-        CheckpointManager(tmp_path, save_n_best=1)
+        kind.manager(tmp_path, save_n_best=1)
         builds += 1
+        for path in tmp_path.iterdir():
+            if path.name == "metrics.json" or path.name.startswith("."):
+                continue
+            try:
+                kind.epoch_of(path)
+                checks += 1
+            except (FileNotFoundError, RuntimeError):
+                # deleted (renamed away) or re-pointed between the listing and the read: never partial
+                assert not path.exists() or os.path.islink(path), path.name
         done, code = os.waitpid(pid, os.WNOHANG)
         status = code if done else None
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "the writer failed"
-    manager = CheckpointManager(tmp_path, save_n_best=2)
+    manager = kind.manager(tmp_path, save_n_best=2)
     assert [record["epoch"] for record in manager.values] == list(range(1, 41)), "the writer failed"
-    assert builds > 5
-    kept = sorted(int(p.stem[4:]) for p in tmp_path.glob("exp_*.pth"))
-    assert kept == sorted(manager._kept_epochs()) and saved_epoch(tmp_path / "last.pth") == 40
+    assert builds > 5 and checks > 5
+    assert kind.numbered(tmp_path) == kind.kept(manager._kept_epochs(), 40)
+    assert kind.epoch_of(tmp_path / kind.last) == 40
+    steps = ["step", "step.40"] if kind.sharded else ["step.pth"]
+    names = [kind.best, kind.last, "metrics.json", *steps, *(kind.file(e) for e in kind.numbered(tmp_path))]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
 
 
 def _every_rank_processes(rank, world_size, folder):
@@ -129,26 +159,32 @@ def _rank_0_only(rank, world_size, folder):
     torch.distributed.barrier()
 
 
-def test_repairs_touch_only_what_is_provably_abandoned(tmp_path):
-    manager = filled(tmp_path, [3.0, 1.0])
+def test_repairs_touch_only_what_is_provably_abandoned(tmp_path, kind):
+    manager = kind.filled(tmp_path, [3.0, 1.0])
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         host, dead = socket.gethostname(), dead_pid()
-        alive = tmp_path / f".step.pth.tmp-{sleeper.pid}-0123abcd-{host}"
-        abandoned = tmp_path / f".exp_3.pth.tmp-{dead}-4567abcd-{host}"
-        elsewhere = tmp_path / f".exp_3.pth.tmp-{dead}-89abcdef-another-node.example.org"  # a pid of another host
+        alive = tmp_path / f".step{kind.suffix}.tmp-{sleeper.pid}-0123abcd-{host}"
+        abandoned = tmp_path / f".exp_3{kind.suffix}.tmp-{dead}-4567abcd-{host}"
+        elsewhere = tmp_path / f".exp_3{kind.suffix}.tmp-{dead}-89abcdef-another-node.example.org"  # another host's pid
         for path in (alive, abandoned, elsewhere):
+            if kind.sharded:  # a temporary checkpoint folder
+                path.mkdir()
+                path = path / "__0_0.distcp"
             path.write_bytes(b"half written")
-        manager.process(score=2.0, epoch=3, checkpoint=checkpoint(3))
+        manager.process(score=2.0, epoch=3, checkpoint=kind.checkpoint(3))
         assert alive.exists() and not abandoned.exists() and elsewhere.exists()
     finally:
         sleeper.kill()
         sleeper.wait()
 
 
-# ------------------------------------------------------------------ 2. a recorded epoch's file is never deleted
-def _armed(monkeypatch, at, error):
-    """Make the ``at``-th call of os.replace / os.link / os.unlink / os.fsync / os.open raise ``error``."""
+# ------------------------------------------------------------------ 2. a recorded epoch's checkpoint is never deleted
+_CALLS = ("replace", "rename", "link", "symlink", "unlink", "fsync", "open", "rmdir", "mkdir")
+
+
+def _armed(monkeypatch, at, fault):
+    """Make the ``at``-th call of the file-system functions above run ``fault()``."""
     calls = [0]
 
     def wrap(name):
@@ -157,46 +193,94 @@ def _armed(monkeypatch, at, error):
         def faulty(*args, **kwargs):
             calls[0] += 1
             if calls[0] == at:
-                raise error
+                fault()
             return real(*args, **kwargs)
 
         monkeypatch.setattr(os, name, faulty)
 
-    for name in ("replace", "link", "unlink", "fsync", "open"):
+    for name in _CALLS:
         wrap(name)
     return calls
 
 
-@pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError(5, "Input/output error")], ids=["interrupt", "EIO"])
-def test_a_fault_at_every_step_of_process_never_loses_a_recorded_epoch(tmp_path, monkeypatch, error):
-    # how many file-system calls one process() makes
-    probe = filled(tmp_path / "probe", [3.0, 1.0, 2.0])
+def _three_epochs(tmp_path, kind, at):
+    """A folder with epochs 1 to 3 saved (the 2 best: 2 and 3), and its manager. Folders are copied from
+    a template (faster); files are saved again (a copy would not keep best.pth / last.pth hard links)."""
+    folder, template = tmp_path / f"at{at}", tmp_path / "template"
+    if not kind.sharded:
+        return folder, kind.filled(folder, [3.0, 1.0, 2.0])
+    if not template.exists():
+        kind.filled(template, [3.0, 1.0, 2.0])
+    shutil.copytree(template, folder, symlinks=True)
+    return folder, kind.manager(folder, save_n_best=2)
+
+
+def _count_calls(tmp_path, kind, monkeypatch):
+    _, probe = _three_epochs(tmp_path, kind, "probe")
     with monkeypatch.context() as patch:
-        calls = _armed(patch, at=0, error=error)
-        probe.process(score=0.5, epoch=4, checkpoint=checkpoint(4))
-    total = calls[0]
-    assert total > 10
+        calls = _armed(patch, at=0, fault=None)
+        probe.process(score=0.5, epoch=4, checkpoint=kind.checkpoint(4))
+    return calls[0]
+
+
+def _after_the_fault(folder, kind, manager):
+    """What must hold after process(epoch 4) was cut short anywhere, then the next process."""
+    done = [r["epoch"] for r in json.loads((folder / "metrics.json").read_text())["values"]]
+    assert done in ([1, 2, 3], [1, 2, 3, 4])
+    kind.every_visible_checkpoint_loads(folder)
+    if 4 in done:  # committed: its checkpoint stays (it is the best, among the N kept)
+        assert (folder / kind.file(4)).exists() and kind.epoch_of(folder / kind.file(4)) == 4
+    for name in (kind.file(2), kind.best, kind.last):  # what was there before is there, whole
+        assert kind.epoch_of(folder / name) in (2, 3, 4), name
+    # the next save succeeds and leaves the folder clean
+    manager.process(score=0.7, epoch=5, checkpoint=kind.checkpoint(5))
+    best, other = (4, 5) if 4 in done else (5, 2)
+    visible = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    assert visible == sorted([kind.best, kind.last, "metrics.json", kind.file(best), kind.file(other)])
+    hidden = [p.name for p in folder.iterdir() if p.name.startswith(".")]
+    assert all(f".tmp-{os.getpid()}-" in name for name in hidden), hidden  # only a live process's own leftovers
+    assert not hidden or kind.sharded, hidden  # a file's temporary is removed by the save that made it
+    assert kind.epoch_of(folder / kind.best) == best and kind.epoch_of(folder / kind.last) == 5
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError(5, "Input/output error")], ids=["interrupt", "EIO"])
+def test_a_fault_at_every_step_of_process_never_loses_a_recorded_epoch(tmp_path, monkeypatch, kind, error):
+    total = _count_calls(tmp_path, kind, monkeypatch)  # how many file-system calls one process() makes
+    assert total > (15 if kind.sharded else 10)
     for at in range(1, total + 1):
-        folder = tmp_path / f"at{at}"
-        manager = filled(folder, [3.0, 1.0, 2.0])
+
+        def fault(error=error):
+            raise error
+
+        folder, manager = _three_epochs(tmp_path, kind, at)
         with monkeypatch.context() as patch:
-            _armed(patch, at=at, error=error)
+            _armed(patch, at=at, fault=fault)
             try:
-                manager.process(score=0.5, epoch=4, checkpoint=checkpoint(4))  # would be the new best
-            except (KeyboardInterrupt, OSError):
+                manager.process(score=0.5, epoch=4, checkpoint=kind.checkpoint(4))  # would be the new best
+            except (KeyboardInterrupt, OSError, RuntimeError):
                 pass
-        recorded = [r["epoch"] for r in json.loads((folder / "metrics.json").read_text())["values"]]
-        assert recorded in ([1, 2, 3], [1, 2, 3, 4]), at
-        if 4 in recorded:  # committed: its file stays (it is the best, among the N kept)
-            assert (folder / "exp_4.pth").exists() and saved_epoch(folder / "exp_4.pth") == 4, at
-        for name in ("exp_2.pth", "best.pth", "last.pth"):  # what was there before is there, whole
-            assert saved_epoch(folder / name) in (2, 3, 4), (at, name)
-        # the next save succeeds and leaves the folder clean
-        manager.process(score=0.7, epoch=5, checkpoint=checkpoint(5))
-        names = sorted(p.name for p in folder.iterdir())
-        best, other = (4, 5) if 4 in recorded else (5, 2)
-        assert names == sorted(["best.pth", "last.pth", "metrics.json", f"exp_{best}.pth", f"exp_{other}.pth"]), at
-        assert saved_epoch(folder / "best.pth") == best and saved_epoch(folder / "last.pth") == 5
+        # files: the same manager goes on; folders: a new one, as after a restart
+        _after_the_fault(folder, kind, kind.manager(folder, save_n_best=2) if kind.sharded else manager)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_kill_9_at_every_step_of_process_leaves_every_visible_checkpoint_loadable(tmp_path, monkeypatch):
+    """Folders only: a killed file save's unrecorded file is replaced when its epoch is saved again, as
+    test_crash_safety's kills at random instants check; a killed folder save's is removed by any next save."""
+    kind = Kind("sharded")
+    total = _count_calls(tmp_path, kind, monkeypatch)
+    for at in range(1, total + 1):
+        folder, manager = _three_epochs(tmp_path, kind, at)
+        pid = os.fork()
+        if pid == 0:
+            _armed(monkeypatch, at=at, fault=lambda: os.kill(os.getpid(), signal.SIGKILL))
+            try:
+                manager.process(score=0.5, epoch=4, checkpoint=kind.checkpoint(4))
+            finally:
+                os._exit(0)  # the kill came after the last call: nothing more to do
+        os.waitpid(pid, 0)
+        # the dead child's leftovers go with the next save: its pid is not ours
+        _after_the_fault(folder, kind, kind.manager(folder, save_n_best=2))
 
 
 # ------------------------------------------------------------------ 3. a missing recorded file
@@ -209,33 +293,42 @@ def test_a_missing_kept_file_is_restored_from_best_pth(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("exp_*")) == ["exp_2.pth", "exp_3.pth"]
 
 
-def test_a_missing_file_nothing_holds_is_forgotten_with_a_warning(tmp_path):
-    manager = filled(tmp_path, [3.0, 1.0, 2.0, 4.0])  # kept: 2 (best), 3; last is 4
-    (tmp_path / "exp_2.pth").unlink()
-    (tmp_path / "best.pth").unlink()
-    with pytest.warns(UserWarning, match=r"\[2\]"):
-        manager.process(score=5.0, epoch=5, checkpoint=checkpoint(5))
-    for epoch in (6, 7):  # later saves go on, without a warning each time
-        manager.process(score=float(epoch), epoch=epoch, checkpoint=checkpoint(epoch))
+def test_a_missing_checkpoint_nothing_holds_is_forgotten_with_a_warning_and_the_links_follow(tmp_path, kind):
+    manager = kind.filled(tmp_path, [3.0, 1.0, 2.0])  # kept: 2 (best), 3 (last)
+    for name in (kind.file(2), *([] if kind.sharded else ["best.pth"])):  # by hand; with it what holds it
+        shutil.rmtree(tmp_path / name) if kind.sharded else (tmp_path / name).unlink()
+    with pytest.warns(UserWarning, match=r"recorded epochs \[2\] are missing"):
+        manager.process(score=2.5, epoch=4, checkpoint=kind.checkpoint(4))
+    assert json.loads((tmp_path / "metrics.json").read_text())["lost_epochs"] == [2]
+    assert kind.epoch_of(tmp_path / kind.best) == 3 and kind.epoch_of(tmp_path / kind.last) == 4
+    if kind.sharded:  # a dangling link was re-pointed
+        assert os.readlink(tmp_path / "best") == "exp_3" and os.readlink(tmp_path / "last") == "exp_4"
+    visible = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+    assert visible == sorted([kind.best, kind.last, "metrics.json", kind.file(3), kind.file(4)])
+    kind.every_visible_checkpoint_loads(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # later saves go on, without a warning each time
+        for epoch in (5, 6):
+            manager.process(score=float(epoch), epoch=epoch, checkpoint=kind.checkpoint(epoch))
     data = json.loads((tmp_path / "metrics.json").read_text())
-    assert [r["epoch"] for r in data["values"]] == [1, 2, 3, 4, 5, 6, 7]  # the scores stay
+    assert [r["epoch"] for r in data["values"]] == [1, 2, 3, 4, 5, 6]  # the scores stay
     assert 2 in data["lost_epochs"]
-    assert manager.best_epoch == 3 and saved_epoch(tmp_path / "best.pth") == 3
-    assert len(list(tmp_path.glob("exp_*.pth"))) == 2
+    assert manager.best_epoch == 3 and kind.epoch_of(tmp_path / kind.best) == 3
+    assert kind.numbered(tmp_path) == kind.kept([3, 4], 6)
 
 
 # ------------------------------------------------------------------ 4. going back is explicit
 @pytest.mark.parametrize("async_save", [False, True])
-def test_an_epoch_at_or_below_the_newest_raises_before_writing(tmp_path, async_save):
-    manager = filled(tmp_path, [3.0, 1.0, 2.0, 4.0, 5.0], async_save=async_save)
+def test_an_epoch_at_or_below_the_newest_raises_before_writing(tmp_path, kind, async_save):
+    manager = kind.filled(tmp_path, [3.0, 1.0, 2.0, 4.0, 5.0], async_save=async_save)
     manager.wait()
     before = folder_state(tmp_path)
     for epoch in (5, 3, 1, 0):
         with pytest.raises(ValueError, match=r"rewind\("):
-            manager.process(score=0.1, epoch=epoch, checkpoint=checkpoint(epoch))
+            manager.process(score=0.1, epoch=epoch, checkpoint=kind.checkpoint(epoch))
     # a new process whose loop restarts at epoch 1 (a second stage)
     with pytest.raises(ValueError, match=r"rewind\("):
-        CheckpointManager(tmp_path, save_n_best=2).process(score=0.1, epoch=1, checkpoint=checkpoint(1))
+        kind.manager(tmp_path, save_n_best=2).process(score=0.1, epoch=1, checkpoint=kind.checkpoint(1))
     manager.wait()
     assert folder_state(tmp_path) == before
 
@@ -368,12 +461,12 @@ def test_a_history_without_records_beside_numbered_files_is_refused(tmp_path):
     assert folder_state(tmp_path) == before
 
 
-def test_a_smaller_save_n_best_than_recorded_is_refused_before_deleting(tmp_path):
-    filled(tmp_path, [3.0, 1.0, 2.0], n_best=3)
+def test_a_smaller_save_n_best_than_recorded_is_refused_before_deleting(tmp_path, kind):
+    kind.filled(tmp_path, [3.0, 1.0, 2.0], n_best=3)
     before = folder_state(tmp_path)
-    manager = CheckpointManager(tmp_path)  # save_n_best=1: reading the folder is fine
+    manager = kind.manager(tmp_path)  # save_n_best=1: reading the folder is fine
     with pytest.raises(ValueError, match="save_n_best=3"):
-        manager.process(score=0.5, epoch=4, checkpoint=checkpoint(4))
+        manager.process(score=0.5, epoch=4, checkpoint=kind.checkpoint(4))
     assert folder_state(tmp_path) == before
 
 

@@ -1,17 +1,17 @@
-"""CheckpointManager(sharded=True): DCP checkpoint folders under faults, kills, a second manager, hand
-deletions and asynchronous errors. Most tests run in one process (DCP without a process group); the
-multi-rank ones run 2 gloo processes with FSDP2."""
+"""CheckpointManager(sharded=True): what only DCP checkpoint folders do (relative links, the newest folder
+kept while last, named saves, restores in place, FSDP2 ranks). The promises both kinds keep (faults and
+kills at every step, a monitor process, hand deletions, asynchronous errors) are tested once per kind in
+test_manager.py and test_manager_hostile.py. Most tests run in one process (DCP without a process group);
+the multi-rank one runs 2 gloo processes with FSDP2."""
 
 import datetime
 import json
 import multiprocessing as mp
 import os
 import pickle
-import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -158,17 +158,6 @@ def test_a_named_save_replaces_the_previous_one_and_resume_auto_finds_it(tmp_pat
         assert find_resume_checkpoint(manager, world_size=2) == (tmp_path / "last", None)
 
 
-def test_a_numbered_folder_deleted_by_hand_is_marked_lost_and_the_links_follow(tmp_path):
-    manager = filled(tmp_path, [3.0, 1.0, 2.0])
-    shutil.rmtree(tmp_path / "exp_2")  # the best, by hand: `best` dangles
-    with pytest.warns(UserWarning, match=r"recorded epochs \[2\] are missing"):
-        manager.process(score=2.5, epoch=4, checkpoint=state(4))
-    assert json.loads((tmp_path / "metrics.json").read_text())["lost_epochs"] == [2]
-    assert os.readlink(tmp_path / "best") == "exp_3" and os.readlink(tmp_path / "last") == "exp_4"
-    assert visible(tmp_path) == ["best", "exp_3", "exp_4", "last", "metrics.json"]
-    assert_every_visible_checkpoint_loads(tmp_path)
-
-
 def test_rewind_deletes_the_forgotten_folders_and_never_leaves_a_dangling_link(tmp_path):
     manager = filled(tmp_path, [1.0, 2.0, 3.0, 4.0], n_best=1)
     assert visible(tmp_path) == ["best", "exp_1", "exp_4", "last", "metrics.json"]
@@ -177,134 +166,6 @@ def test_rewind_deletes_the_forgotten_folders_and_never_leaves_a_dangling_link(t
     assert_every_visible_checkpoint_loads(tmp_path)
     manager.process(score=0.5, epoch=3, checkpoint=state(3))
     assert visible(tmp_path) == ["best", "exp_3", "last", "metrics.json"]
-
-
-# ------------------------------------------------------------------ faults and kills at every step
-_CALLS = ("replace", "rename", "link", "symlink", "unlink", "fsync", "open", "rmdir", "mkdir")
-
-
-def _armed(monkeypatch, at, fault):
-    """Make the ``at``-th call of the file-system functions above run ``fault()``."""
-    calls = [0]
-
-    def wrap(name):
-        real = getattr(os, name)
-
-        def faulty(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == at:
-                fault()
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(os, name, faulty)
-
-    for name in _CALLS:
-        wrap(name)
-    return calls
-
-
-def _three_epochs(tmp_path, at):
-    """A copy of a folder with epochs 1 to 3 saved (the 2 best: 2 and 3), and its manager."""
-    template = tmp_path / "template"
-    if not template.exists():
-        filled(template, [3.0, 1.0, 2.0])
-    shutil.copytree(template, tmp_path / f"at{at}", symlinks=True)
-    return tmp_path / f"at{at}", CheckpointManager(tmp_path / f"at{at}", save_n_best=2, sharded=True)
-
-
-def _count_calls(tmp_path, monkeypatch):
-    _, probe = _three_epochs(tmp_path, "probe")
-    with monkeypatch.context() as patch:
-        calls = _armed(patch, at=0, fault=None)
-        probe.process(score=0.5, epoch=4, checkpoint=state(4))
-    return calls[0]
-
-
-def _after_the_fault(folder, pid):
-    """What must hold after process(epoch 4) was cut short anywhere, then the next process."""
-    done = recorded(folder)
-    assert done in ([1, 2, 3], [1, 2, 3, 4])
-    assert_every_visible_checkpoint_loads(folder)
-    if 4 in done:
-        assert loaded_epoch(folder / "exp_4") == 4
-    manager = CheckpointManager(folder, save_n_best=2, sharded=True)
-    manager.process(score=0.7, epoch=5, checkpoint=state(5))
-    best, other = (4, 5) if 4 in done else (5, 2)
-    assert visible(folder) == sorted(["best", "last", "metrics.json", f"exp_{best}", f"exp_{other}"])
-    hidden = [p.name for p in folder.iterdir() if p.name.startswith(".")]
-    assert all(f".tmp-{pid}-" in name for name in hidden), hidden  # only a live process's own leftovers
-    assert loaded_epoch(folder / "best") == best and loaded_epoch(folder / "last") == 5
-
-
-def test_a_fault_at_every_step_of_process_never_loses_a_recorded_epoch(tmp_path, monkeypatch):
-    """An interrupt (Ctrl-C) at odd steps, an I/O error at even ones: every error path is taken."""
-    total = _count_calls(tmp_path, monkeypatch)
-    assert total > 15
-    for at in range(1, total + 1):
-
-        def fault(at=at):
-            raise KeyboardInterrupt() if at % 2 else OSError(5, "Input/output error")
-
-        folder, manager = _three_epochs(tmp_path, at)
-        with monkeypatch.context() as patch:
-            _armed(patch, at=at, fault=fault)
-            try:
-                manager.process(score=0.5, epoch=4, checkpoint=state(4))  # would be the new best
-            except (KeyboardInterrupt, OSError, RuntimeError):
-                pass
-        _after_the_fault(folder, os.getpid())
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_kill_9_at_every_step_of_process_leaves_every_visible_checkpoint_loadable(tmp_path, monkeypatch):
-    total = _count_calls(tmp_path, monkeypatch)
-    for at in range(1, total + 1):
-        folder, manager = _three_epochs(tmp_path, at)
-        pid = os.fork()
-        if pid == 0:
-            _armed(monkeypatch, at=at, fault=lambda: os.kill(os.getpid(), signal.SIGKILL))
-            try:
-                manager.process(score=0.5, epoch=4, checkpoint=state(4))
-            finally:
-                os._exit(0)  # the kill came after the last call: nothing more to do
-        os.waitpid(pid, 0)
-        _after_the_fault(folder, os.getpid())  # the dead child's leftovers are gone: its pid is not ours
-
-
-# ------------------------------------------------------------------ another process on the folder
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_monitor_building_managers_and_loading_while_the_writer_saves(tmp_path):
-    """A second process builds managers and loads every visible checkpoint while the writer saves:
-    nothing it sees is partial, the writer never fails, and building changes nothing."""
-    pid = os.fork()
-    if pid == 0:  # the writer
-        code = 1
-        try:
-            manager = CheckpointManager(tmp_path, save_n_best=2, sharded=True)
-            for epoch in range(1, 31):
-                manager.process([3.0, 1.0, 2.0, 0.5][epoch % 4] + epoch / 100, epoch, state(epoch))
-                manager.save(state(epoch), "step")
-            code = 0
-        finally:
-            os._exit(code)
-    checks, status = 0, None
-    while status is None:
-        CheckpointManager(tmp_path, save_n_best=1, sharded=True)
-        for name in visible(tmp_path):
-            if name == "metrics.json":
-                continue
-            try:
-                loaded_epoch(tmp_path / name)
-                checks += 1
-            except (FileNotFoundError, RuntimeError):
-                # deleted (renamed away) or re-pointed between the listing and the read: never partial
-                assert not (tmp_path / name).exists() or os.path.islink(tmp_path / name), name
-        done, code = os.waitpid(pid, os.WNOHANG)
-        status = code if done else None
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "the writer failed"
-    assert recorded(tmp_path) == list(range(1, 31)) and checks > 5
-    kept = [f"exp_{epoch}" for epoch in {*CheckpointManager(tmp_path, save_n_best=2, sharded=True)._kept_epochs(), 30}]
-    assert visible(tmp_path) == sorted(["best", "last", "step", "step.30", "metrics.json", *kept])
 
 
 # ------------------------------------------------------------------ asynchronous saves
@@ -326,33 +187,6 @@ def test_async_snapshot_is_taken_at_the_call_and_committed_after_the_write(tmp_p
         "last",
         "metrics.json",
     ]
-
-
-def _failing_writes(monkeypatch):
-    from torch.distributed.checkpoint import FileSystemWriter
-
-    def write_data(self, plan, planner):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(FileSystemWriter, "write_data", write_data)
-
-
-def test_async_errors_are_raised_by_wait_and_by_the_next_process(tmp_path, monkeypatch):
-    manager = filled(tmp_path, [2.0], async_save=True)
-    manager.wait()
-    with monkeypatch.context() as patch:
-        _failing_writes(patch)
-        manager.process(1.0, 2, state(2))  # returns: the write fails in the background
-        with pytest.raises(Exception, match="No space left"):
-            manager.wait()
-        manager.process(1.0, 2, state(2))
-        time.sleep(0.5)
-    with pytest.raises(Exception, match="No space left"):
-        manager.process(1.0, 2, state(2))  # the previous failure first; nothing saved
-    assert recorded(tmp_path) == [1] and visible(tmp_path) == ["best", "exp_1", "last", "metrics.json"]
-    manager.process(0.5, 2, state(2))
-    manager.wait()
-    assert recorded(tmp_path) == [1, 2] and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_an_async_error_nobody_waited_for_is_reported_at_exit(tmp_path):
