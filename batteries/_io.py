@@ -6,12 +6,15 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from batteries._process import pid_alive
 
 TMP_MARK = ".tmp-"
 
@@ -131,3 +134,13 @@ def remove_durably(paths: list[Path]) -> None:
         folders.add(path.parent)
     for folder in folders:
         fsync_dir(folder)
+
+
+# the writer's pid and host in a temporary name (tmp_path); names of older versions carry no host
+_TMP_WRITER = re.compile(rf"^\..+{re.escape(TMP_MARK)}(\d+)-[0-9a-f]{{8}}(?:-(.+))?$")
+
+
+def abandoned_temporaries(folder: Path) -> list[Path]:
+    """The temporary files and folders in ``folder`` (from :func:`tmp_path`) whose writer, on this host, is gone."""
+    matches = [(entry, _TMP_WRITER.match(entry.name)) for entry in folder.iterdir()]
+    return [entry for entry, m in matches if m and m[2] in (None, socket.gethostname()) and not pid_alive(int(m[1]))]

@@ -9,26 +9,20 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from batteries import _history, distributed
+from batteries import _history, _stateful, distributed
 from batteries._checks import check_bool, check_file_name, check_int
-from batteries._io import TMP_MARK, atomic_write_json
-from batteries._process import pid_alive
+from batteries._io import abandoned_temporaries
 from batteries._store_dcp import DcpStore
 from batteries._store_file import FileStore
 
 __all__ = ["CheckpointManager"]
-
-# the writer's pid and host in a temporary name (_io.tmp_path); names of older versions carry no host
-_TMP_WRITER = re.compile(rf"^\..+{re.escape(TMP_MARK)}(\d+)-[0-9a-f]{{8}}(?:-(.+))?$")
 
 
 class CheckpointManager:
@@ -77,51 +71,23 @@ class CheckpointManager:
         self.save_n_best = check_int(save_n_best, "save_n_best", minimum=1)
         self.metric_minimization = check_bool(metric_minimization, "metric_minimization")
         self.async_save, self.sharded = check_bool(async_save, "async_save"), check_bool(sharded, "sharded")
-        if not isinstance(metric, str) or not metric or metric == "epoch":
-            raise ValueError(f"metric must be a non-empty str other than 'epoch', got {metric!r}")
-        check_file_name(checkpoint_names, "checkpoint_names")
-        check_file_name(metrics_file, "metrics_file")
-        if not callable(save_fn):
-            raise TypeError(f"save_fn must be callable as save_fn(obj, path), got {save_fn!r}")
-        self.logdir = Path(logdir)
         store = DcpStore if self.sharded else FileStore
+        _history.check_arguments(metric, checkpoint_names, metrics_file, save_fn, store.links, store.suffix)
+        self.logdir, self.metrics_file = Path(logdir), Path(logdir) / metrics_file
         history = (lambda: (self.values, self.lost_epochs), self._adopt)  # rank 0's, shared in collective saves
-        self._store = store(self.logdir, save_fn=save_fn, async_save=self.async_save, history=history)
-        self._pattern = re.compile(rf"^{re.escape(checkpoint_names)}_(\d+){re.escape(store.suffix)}$")
-        if metrics_file in store.links or self._pattern.match(metrics_file):
-            raise ValueError(
-                f"metrics_file must not be a name the manager writes checkpoints to "
-                f"({', '.join(store.links)}, {checkpoint_names}_<epoch>{store.suffix}), got {metrics_file!r}"
-            )
-        self.checkpoint_names, self.metric = checkpoint_names, metric
-        self.metrics_file = self.logdir / metrics_file
-        self.values: list[dict[str, Any]] = []
-        self.lost_epochs: list[int] = []
+        self.save_fn = save_fn  # may be replaced between saves
+        writer = save_fn if self.sharded else lambda obj, path: self.save_fn(obj, path)
+        self._store = store(self.logdir, save_fn=writer, async_save=self.async_save, history=history)
+        self.checkpoint_names, self.metric, self._unit = checkpoint_names, metric, None
+        self.values, self.lost_epochs = [], []  # the records, and recorded epochs whose checkpoint is gone
         self._files: dict[int, list[int]] = {}  # epoch -> [inode, size] of its numbered file, as written
         self._recorded_n_best: int | None = None
         self._extra: dict[str, Any] = {}  # other keys of metrics_file, kept as they are
+        self._lineage: dict[str, str] = {}  # position -> token of its record: which history a checkpoint continues
         if distributed.is_main_process():
             self.logdir.mkdir(parents=True, exist_ok=True)
-        loaded = self._load_history()
-        numbered = sorted(p.name for p in self._numbered_files())
-        # the history is written before the first numbered checkpoint: without records, at most one
-        # numbered checkpoint (a save interrupted before it was recorded) can be the manager's own
-        if (not loaded and numbered) or (loaded and not self.values and len(numbered) > 1):
-            raise ValueError(
-                f"'{self.logdir}' holds numbered checkpoints ({', '.join(numbered[:5])}"
-                f"{', ...' if len(numbered) > 5 else ''}) but '{self.metrics_file.name}' has no history of "
-                "them, so the manager cannot tell which are the best. Move them away, or build the manager "
-                "with another logdir or checkpoint_names."
-            )
-
-    @property
-    def save_fn(self) -> Callable[[Any, str], Any]:
-        """``save_fn(obj, path)``; may be replaced between saves."""
-        return self._store.save_fn
-
-    @save_fn.setter
-    def save_fn(self, value: Callable[[Any, str], Any]) -> None:
-        self._store.save_fn = value
+        numbered = sorted(p.name for unit in _history.UNITS for p in self._numbered_files(unit))  # then the history,
+        _history.check_numbered(self.metrics_file, self._load_history(), self.values, numbered)  # newer than them
 
     # ----------------------------------------------------------------- history
     def _load_history(self) -> bool:
@@ -131,46 +97,55 @@ class CheckpointManager:
             return False
         self.values, self.lost_epochs, self._files = saved["values"], saved["lost_epochs"], saved["files"]
         self._recorded_n_best, self._extra = saved["save_n_best"], saved["extra"]
+        self._unit, self._lineage = saved["unit"], saved["lineage"]
         return True
 
     def _write_metrics(self) -> None:
-        extra = {"lost_epochs": self.lost_epochs} if self.lost_epochs else {}
         kept = set(self._kept_epochs())
-        extra["files"] = {str(epoch): entry for epoch, entry in sorted(self._files.items()) if epoch in kept}
-        atomic_write_json(
-            self.metrics_file,
-            {
-                **self._extra,
-                "metric_name": self.metric,
-                "metric_minimization": self.metric_minimization,
-                **self._store.marks,
-                "save_n_best": self.save_n_best,
-                "values": self.values,
-                **extra,
-            },
-        )
+        files = {str(epoch): entry for epoch, entry in sorted(self._files.items()) if epoch in kept}
+        settings = {"metric_name": self.metric, "metric_minimization": self.metric_minimization, **self._store.marks}
+        _history.write(self.metrics_file, self._extra, settings, self.unit, self.save_n_best, self.values,
+                       self.lost_epochs, files, self._lineage)  # fmt: skip
 
     def _adopt(self, shared: tuple[list[dict[str, Any]], list[int]]) -> None:
         self.values, self.lost_epochs = (list(part) for part in shared)
 
     # ----------------------------------------------------------------- ranking
-    def _path(self, epoch: int) -> Path:
-        return self.logdir / f"{self.checkpoint_names}_{epoch}{self._store.suffix}"
+    @property
+    def unit(self) -> str:
+        """What the history counts: ``"epoch"`` (``process(score, epoch, ...)``) or ``"step"`` (``step=``)."""
+        return self._unit or "epoch"
 
-    def _numbered_files(self) -> list[Path]:
-        if not self.logdir.is_dir():
-            return []
-        return [entry for entry in self.logdir.iterdir() if self._pattern.match(entry.name)]
+    @property
+    def newest(self) -> int | None:
+        """The newest recorded epoch (or step), None without history."""
+        return self.values[-1][self.unit] if self.values else None
+
+    def _numbered(self, unit: str) -> re.Pattern[str]:
+        infix = "step" if unit == "step" else ""
+        return re.compile(rf"^{re.escape(self.checkpoint_names)}_{infix}(\d+){re.escape(self._store.suffix)}$")
+
+    @property
+    def _pattern(self) -> re.Pattern[str]:
+        return self._numbered(self.unit)
+
+    def _path(self, epoch: int) -> Path:
+        infix = "step" if self.unit == "step" else ""
+        return self.logdir / f"{self.checkpoint_names}_{infix}{epoch}{self._store.suffix}"
+
+    def _numbered_files(self, unit: str | None = None) -> list[Path]:
+        pattern = self._numbered(unit or self.unit)
+        return [entry for entry in self.logdir.iterdir() if pattern.match(entry.name)] if self.logdir.is_dir() else []
 
     def _ranked(self) -> list[dict[str, Any]]:
         """Records that can be best (finite score, file not lost), best first; ties to the newer epoch."""
         lost = set(self.lost_epochs)
         sign = 1 if self.metric_minimization else -1
-        candidates = [r for r in self.values if r.get(self.metric) is not None and r["epoch"] not in lost]
-        return sorted(candidates, key=lambda record: (sign * record[self.metric], -record["epoch"]))
+        candidates = [r for r in self.values if r.get(self.metric) is not None and r[self.unit] not in lost]
+        return sorted(candidates, key=lambda record: (sign * record[self.metric], -record[self.unit]))
 
     def _kept_epochs(self) -> list[int]:
-        return [record["epoch"] for record in self._ranked()[: self.save_n_best]]
+        return [record[self.unit] for record in self._ranked()[: self.save_n_best]]
 
     @property
     def best(self) -> dict[str, Any] | None:
@@ -180,81 +155,95 @@ class CheckpointManager:
 
     @property
     def best_epoch(self) -> int | None:
-        """Epoch of the best record, or None."""
-        best = self.best
-        return None if best is None else best["epoch"]
+        """Epoch (or step) of the best record, or None."""
+        return None if self.best is None else self.best[self.unit]
 
     @property
     def best_score(self) -> float | None:
         """The best value of ``metric``, or None."""
-        best = self.best
-        return None if best is None else best[self.metric]
+        return None if self.best is None else self.best[self.metric]
 
     # ----------------------------------------------------------------- saving
-    def process(self, score: Any, epoch: int, checkpoint: Mapping[str, Any]) -> Path:
-        """Save ``checkpoint`` for ``epoch`` and keep the N best (on global rank 0; a no-op elsewhere).
+    def process(
+        self,
+        score: Any,
+        epoch: int | None = None,
+        checkpoint: Mapping[str, Any] | None = None,
+        *,
+        step: int | None = None,
+    ) -> Path:
+        """Save ``checkpoint`` for ``epoch`` (or ``step``) and keep the N best (on global rank 0; a no-op elsewhere).
 
-        With ``sharded=True``, a collective: call it on every rank, with this rank's ``checkpoint``.
+        With ``sharded=True`` or a state, call it on every rank (with this rank's ``checkpoint``).
 
         Args:
-            score: the value of ``metric`` (a number, NumPy scalar, one-element tensor), or a dict of
-                numbers holding ``metric``; every key of the dict is recorded.
+            score: a number (NumPy scalar, one-element tensor) or a dict of numbers holding ``metric``.
             epoch: epoch number (int >= 0), above every epoch recorded so far.
-            checkpoint: what to save, usually from ``make_checkpoint`` / ``make_training_state``.
+            checkpoint: a state (``{"model": model, "optimizer": ..., "loader": ...}``, see :meth:`resume`)
+                or a dict from ``make_training_state``.
+            step: instead of ``epoch``, in loops that count iterations: the history then counts steps
+                (``"step"`` records, files ``{checkpoint_names}_step{step}.pth``).
 
         Returns:
             The path of the numbered checkpoint (deleted again if not among the N best).
 
         Raises:
-            ValueError / TypeError / KeyError: on a bad score or epoch, or an epoch not after the
-                newest recorded one (call :meth:`rewind` first), before anything is written.
+            ValueError / TypeError / KeyError: on a bad score or position, or one not after the newest
+                recorded (call :meth:`rewind` first), before anything is written.
             OSError: if writing fails; the previous files and history stay as they were.
             RuntimeError: with ``sharded=True``, on every rank when any rank failed (naming it).
         """
-        epoch = check_int(epoch, "epoch", minimum=0)
-        record = _history.make_record(score, epoch, self.metric)
-        saved_epoch = checkpoint.get("epoch") if isinstance(checkpoint, Mapping) else None
-        if isinstance(saved_epoch, (int, np.integer)) and not isinstance(saved_epoch, bool) and saved_epoch != epoch:
-            raise ValueError(
-                f"checkpoint['epoch'] is {saved_epoch} but process(epoch={epoch}): they must be the same, because "
-                "restore_training_state(..., manager=manager) rewinds the manager to checkpoint['epoch'] (with "
-                "another numbering it would delete the checkpoint resumed from)"
-            )
+        epoch, unit = self._position(epoch, step)
+        record = _history.make_record(score, epoch, self.metric, unit)
+        checkpoint, token = _stateful.prepare(checkpoint, unit, epoch, self.sharded)
         path = self._path(epoch)
-        check, commit = (lambda: self._check_next(epoch)), (lambda payload: self._commit(record, payload))
+        check, commit = (lambda: self._check_next(epoch)), (lambda payload: self._commit(record, payload, token))
         self._store.save(checkpoint, path.name, check=check, commit=commit, epoch=epoch)
+        if token is not None and not distributed.is_main_process():
+            self._lineage[str(epoch)] = token  # rank 0's is written with the record
         return path
+
+    def _position(self, epoch: Any, step: Any) -> tuple[int, str]:
+        """``(position, unit)`` of ``process`` / ``save``: exactly one of ``epoch`` and ``step``."""
+        if (epoch is None) == (step is None):
+            raise TypeError(f"pass exactly one of epoch and step, got epoch={epoch!r}, step={step!r}")
+        unit = "epoch" if step is None else "step"
+        if self._unit not in (None, unit) and (self.values or self._unit == "step"):
+            raise ValueError(f"'{self.metrics_file}' counts {self._unit}s: pass {self._unit}=, not {unit}=")
+        self._unit = unit
+        return check_int(epoch if step is None else step, unit, minimum=0), unit
 
     def _check_next(self, epoch: int) -> None:
         """Raise (on rank 0) if ``epoch`` cannot be saved next, against the history on disk."""
         if self._store.in_flight is None and self.metrics_file.exists():
             self._load_history()  # the history on disk is the truth (an interrupted call may have committed)
         in_flight = [] if self._store.in_flight is None else [self._store.in_flight]
-        newest = max([*(record["epoch"] for record in self.values), *in_flight], default=None)
-        _history.check_next(self.metrics_file, epoch, newest, self._recorded_n_best, self.save_n_best)
+        newest = max([*(record[self.unit] for record in self.values), *in_flight], default=None)
+        _history.check_next(self.metrics_file, epoch, newest, self._recorded_n_best, self.save_n_best, self.unit)
 
-    def _commit(self, record: dict[str, Any], payload: Any) -> None:
+    def _commit(self, record: dict[str, Any], payload: Any, token: str | None = None) -> None:
         """Rank 0, once the checkpoint is written (``payload``): publish it, record it (the commit point), tidy."""
-        epoch, path = record["epoch"], self._path(record["epoch"])
+        epoch, path = record[self.unit], self._path(record[self.unit])
         self.logdir.mkdir(parents=True, exist_ok=True)
         if not self._load_history():
             self._write_metrics()  # before the first numbered checkpoint (or again, if deleted by hand)
         committed = False
         try:
             if not self._store.overwrites:
-                newest = max((old["epoch"] for old in self.values), default=-1)
+                newest = max((old[self.unit] for old in self.values), default=-1)
                 self._store.remove([entry for entry in self._numbered_files() if self._epoch_of(entry) > newest])
             identity = self._store.publish(payload, path)
             if identity is not None:
                 self._files[epoch] = identity  # to recognise its hard links later
             self.values = [*self.values, record]
             self.lost_epochs = [old for old in self.lost_epochs if old != epoch]
+            self._lineage = {**self._lineage, str(epoch): token} if token else self._lineage
             self._write_metrics()  # the commit point
             committed = True
         finally:
             if not committed:  # whatever was raised, even KeyboardInterrupt: the disk says what is recorded
                 self._store.discard(payload)
-                if not _history.recorded_on_disk(self.metrics_file, epoch):
+                if not _history.recorded_on_disk(self.metrics_file, epoch, self.unit):
                     with contextlib.suppress(OSError):
                         self._store.remove([path])  # not recorded: leave no orphan behind
                 with contextlib.suppress(Exception):
@@ -285,11 +274,11 @@ class CheckpointManager:
     def _tidy(self, warn: bool = True) -> None:
         """Make the folder agree with the committed history: links, the N best, abandoned temporaries."""
         self._restore_or_lose(warn)
-        newest = self.values[-1]["epoch"] if self.values else None
+        newest = self.newest
         last = self._path(newest) if newest is not None and self._store.exists(self._path(newest)) else None
         best = self.best_epoch
         self._store.point_links(None if best is None else self._path(best), last)
-        kept, recorded = set(self._kept_epochs()), {record["epoch"] for record in self.values}
+        kept, recorded = set(self._kept_epochs()), {record[self.unit] for record in self.values}
         if self._store.keeps_last and last is not None:
             kept.add(newest)
         newest_recorded = max(recorded, default=-1)
@@ -297,17 +286,19 @@ class CheckpointManager:
         # rewind); never other unrecorded checkpoints
         epochs = {entry: self._epoch_of(entry) for entry in self._numbered_files()}
         stale = [e for e, n in epochs.items() if n not in kept and (n in recorded or n > newest_recorded)]
-        self._store.remove(stale, _abandoned(self.logdir))
+        self._store.remove(stale, abandoned_temporaries(self.logdir))
 
-    def save(self, checkpoint: Mapping[str, Any], name: str = "step") -> Path:
+    def save(self, checkpoint: Mapping[str, Any], name: str = "step", *, step: int | None = None) -> Path:
         """Save a checkpoint outside the history (e.g. a mid-epoch ``step``), replacing the previous one.
 
-        Not numbered, not recorded, never best. With ``sharded=True``, a collective: a new folder
-        ``{name}.<n>`` and the symbolic link ``{name}``.
+        Not numbered, not recorded, never best; ``resume(state, "auto")`` takes it when it continues
+        the history. With ``sharded=True``, a collective: a new folder ``{name}.<n>`` and the symbolic
+        link ``{name}``.
 
         Args:
-            checkpoint: what to save.
+            checkpoint: a state (see :meth:`resume`; call it on every rank then), or a checkpoint dict.
             name: a plain name; not ``best`` / ``last`` or a numbered name, not ending in ``.<digits>``.
+            step: with a state of a history that counts steps, the step reached (required there).
 
         Returns:
             The path of the checkpoint: ``{name}.pth``, or the link ``{name}`` with ``sharded=True``.
@@ -316,22 +307,37 @@ class CheckpointManager:
             TypeError / ValueError: on a bad ``name``, before anything is written.
             OSError / RuntimeError: as :meth:`process`.
         """
-        name = check_file_name(name, "name")
-        path = self.logdir / f"{name}{self._store.suffix}"
-        if (
-            path.name in self._store.links
-            or path.name == self.metrics_file.name
-            or self._pattern.match(path.name)
-            or re.search(r"\.\d+$", name)
-            or name.startswith(".")
-        ):
-            raise ValueError(
-                f"name must not be a name the manager uses ({', '.join(self._store.links)}, {self.metrics_file.name}, "
-                f"{self.checkpoint_names}_<epoch>) nor start with '.' or end in '.<digits>', got {name!r}"
-            )
+        path = self.logdir / f"{check_file_name(name, 'name')}{self._store.suffix}"
+        _history.check_named(name, path.name, (*self._store.links, self.metrics_file.name), self._pattern)
+        if _stateful.is_state(checkpoint):
+            checkpoint = _stateful.between(self, checkpoint, step)
         publish = self._store.publish_named
         self._store.save(checkpoint, path.name, check=lambda: None, commit=lambda payload: publish(payload, path))
         return path
+
+    def resume(
+        self, state: dict[str, Any], source: Any = "auto", *, strict: bool = True, map_location: Any = "cpu"
+    ) -> int:
+        """Restore ``state`` in place from a checkpoint and rewind the history to it (call it on every rank).
+
+        A state is a dict of the run's live objects: ``"model"``, optionally ``"optimizer"``, ``"scheduler"``,
+        any object with ``state_dict`` / ``load_state_dict`` (a ``make_loader`` loader: its position), and
+        plain values (restored into the dict); :meth:`process` and :meth:`save` take it too. See docs/resume.md.
+
+        Args:
+            state: the dict to restore in place.
+            source: ``"auto"``: the newest checkpoint of this history (``step.pth`` / ``last.pth``; a fresh
+                start without history); a path: that checkpoint; None: a fresh start, refused over a history.
+            strict, map_location: as :func:`load_checkpoint`.
+
+        Returns:
+            The last finished epoch (or the step) of the checkpoint; 0 for a fresh start.
+
+        Raises:
+            ValueError: ``source=None`` over a history, or ``"auto"`` with a history nothing continues.
+            KeyError / RuntimeError: as :func:`restore_training_state` (nothing is restored).
+        """
+        return _stateful.resume(self, state, source, strict=strict, map_location=map_location)
 
     def wait(self) -> None:
         """Block until the asynchronous save in flight (if any) is written; re-raise its error."""
@@ -339,18 +345,21 @@ class CheckpointManager:
 
     close = wait  # the name files and writers use; one method
 
-    def rewind(self, epoch: int) -> None:
-        """Forget the records after ``epoch`` (a run resumed from it); on global rank 0 also delete their
-        checkpoints and point best / last at the remaining history. A no-op when nothing is newer.
+    def rewind(self, epoch: int, *, lineage: str | None = None) -> None:
+        """Forget the records after ``epoch`` (or step; a run resumed from it); on global rank 0 also delete
+        their checkpoints and point best / last at the rest. ``lineage``: the resumed checkpoint's token.
 
         Raises:
             TypeError / ValueError: if ``epoch`` is not an int >= 0.
         """
         epoch = self._ready_to_rewind(epoch)
-        if all(record["epoch"] <= epoch for record in self.values):
+        kept = {key: value for key, value in self._lineage.items() if int(key) < epoch}
+        lineage = lineage or self._lineage.get(str(epoch))
+        kept.update({str(epoch): lineage} if lineage and any(r[self.unit] == epoch for r in self.values) else {})
+        if all(record[self.unit] <= epoch for record in self.values) and kept == self._lineage:
             return
-        self.values = [record for record in self.values if record["epoch"] <= epoch]
-        self.lost_epochs = [old for old in self.lost_epochs if old <= epoch]
+        self.values = [record for record in self.values if record[self.unit] <= epoch]
+        self.lost_epochs, self._lineage = [old for old in self.lost_epochs if old <= epoch], kept
         if distributed.is_main_process():
             self._write_metrics()
             self._tidy(warn=False)  # epochs back among the N best had their files deleted as expected
@@ -367,13 +376,9 @@ class CheckpointManager:
     def state_dict(self) -> dict[str, Any]:
         """The manager's settings and history (what ``metrics_file`` holds)."""
         self.wait()
-        return {
-            "metric_name": self.metric,
-            "metric_minimization": self.metric_minimization,
-            "save_n_best": self.save_n_best,
-            "values": [dict(record) for record in self.values],
-            "lost_epochs": list(self.lost_epochs),
-        }
+        settings = {"metric_name": self.metric, "metric_minimization": self.metric_minimization}
+        return {**settings, "save_n_best": self.save_n_best, "values": [dict(r) for r in self.values],
+                "lost_epochs": list(self.lost_epochs)}  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the history from :meth:`state_dict` (on global rank 0 also ``metrics_file`` and the folder).
@@ -392,9 +397,3 @@ class CheckpointManager:
             self.logdir.mkdir(parents=True, exist_ok=True)
             self._write_metrics()
             self._tidy()
-
-
-def _abandoned(logdir: Path) -> list[Path]:
-    """The temporary files and folders in ``logdir`` whose writer, on this host, is gone."""
-    matches = [(entry, _TMP_WRITER.match(entry.name)) for entry in logdir.iterdir()]
-    return [entry for entry, m in matches if m and m[2] in (None, socket.gethostname()) and not pid_alive(int(m[1]))]

@@ -19,6 +19,9 @@ from batteries.seed import check_rng_state, get_rng_state, set_rng_state
 
 __all__ = ["make_training_state", "restore_training_state", "find_resume_checkpoint"]
 
+# the components make_training_state knows by name (the keys of their states: f"{name}_state_dict")
+COMPONENTS = ("model", "optimizer", "scheduler", "scaler", "ema", "early_stop")
+
 
 def _gather_rng_states(timeout: float) -> list[dict[str, Any] | None]:
     """Every rank's :func:`get_rng_state` on rank 0 (:func:`~batteries.distributed.gather_on_main`).
@@ -135,6 +138,7 @@ def restore_training_state(
     restore_rng: bool = True,
     map_location: Any = "cpu",
     strict: bool = True,
+    **others: Any,
 ) -> dict[str, Any]:
     """Restore what :func:`make_training_state` saved into the components given: all or nothing.
 
@@ -153,6 +157,7 @@ def restore_training_state(
         restore_rng: restore the RNG states. Default True.
         map_location: for a path. Default ``"cpu"``.
         strict: passed to ``model.load_state_dict``. Default True.
+        **others: more objects with ``load_state_dict``, each restored from ``{name}_state_dict``.
 
     Returns:
         The checkpoint dict (``epoch``, ``step``, extras); for a sharded checkpoint without
@@ -173,6 +178,7 @@ def restore_training_state(
         "scaler": scaler,
         "ema": ema,
         "early_stop": early_stop,
+        **others,
     }
     in_place = {}  # sharded: the model and optimizer load in place, not through state_parts
     if sharded is not None:
@@ -250,60 +256,68 @@ def find_resume_checkpoint(
 ) -> tuple[Path | None, dict[str, Any] | None]:
     """The checkpoint beside ``manager``'s history that continues it, loaded, for ``--resume auto``.
 
-    A candidate continues the history when its ``epoch`` (the last finished one) is the newest
-    epoch in ``manager.values`` (0 without history): ``last.pth`` saved at that epoch's end, or a
-    mid-epoch ``step.pth`` of the next one. Others belong to another run (a branch left them) and
-    are skipped. Among the candidates, the one with the most optimizer steps (``step``) wins. For a
-    sharded manager the candidates are the folders ``step`` and ``last``; only their ``epoch``,
-    ``step`` and ``rng_states`` are read (no collective), and the checkpoint returned is None:
-    pass the path to :func:`restore_training_state`.
+    A checkpoint written from a state (``manager.process`` / ``save`` of ``{"model": ...}``) carries
+    the token of the record it follows: it continues the history when that is the newest record's
+    token. One from another history (a run branched from an earlier checkpoint since) is skipped,
+    with a warning when it is not an older checkpoint of this one. A checkpoint without a token
+    continues the history when its ``epoch`` is the newest recorded (0 without history; with a
+    history of steps: its ``step`` is at or after the newest). ``step`` before ``last`` wins. For a
+    sharded manager only ``epoch``, ``step``, ``lineage`` and ``rng_states`` are read, and the
+    checkpoint returned is None: pass the path on.
 
     Args:
         manager: the run's :class:`~batteries.CheckpointManager` (its ``logdir`` holds the candidates).
-        names: names to consider inside ``manager.logdir``. Default ``("step.pth", "last.pth")``, or
-            ``("step", "last")`` for a sharded manager.
-        world_size: the number of processes that will continue the run, or None. When given, a
-            candidate saved by another number of processes (its ``rng_states``' length) is taken only
-            if it is ``last``: a mid-epoch position cannot be split over another number of ranks. A
-            candidate so skipped is named in a warning. Default None.
+        names: names inside ``manager.logdir``. Default ``("step.pth", "last.pth")`` (``("step",
+            "last")`` sharded).
+        world_size: the number of processes that continue the run, or None. A candidate saved by
+            another number (its ``rng_states``) is taken only if it is ``last`` (an epoch's end). Default None.
 
     Returns:
-        ``(path, checkpoint)`` to resume from (``(path, None)`` for a sharded manager), or
-        ``(None, None)`` when none continues the history.
+        ``(path, checkpoint)`` (``(path, None)`` sharded), or ``(None, None)`` when none continues.
 
     Raises:
         TypeError / ValueError: if ``world_size`` is not an int >= 1.
         RuntimeError / pickle.UnpicklingError: as :func:`load_checkpoint`, for an unreadable candidate.
     """
     sharded = getattr(manager, "sharded", False) is True
-    if names is None:
-        names = ("step", "last") if sharded else ("step.pth", "last.pth")
-    if world_size is not None:
-        world_size = check_int(world_size, "world_size", minimum=1)
-    last = "last" if sharded else "last.pth"
-    newest = max((record["epoch"] for record in manager.values), default=0)
-    found = []
-    for order, name in enumerate(names):
+    names = names if names is not None else ("step", "last") if sharded else ("step.pth", "last.pth")
+    world_size = None if world_size is None else check_int(world_size, "world_size", minimum=1)
+    for name in names:
         path = Path(manager.logdir) / check_file_name(name, "names")
         if sharded and _dcp.is_checkpoint(path):
-            checkpoint = _dcp.load_entries(path, keys={"epoch", "step", "rng_states"})
+            checkpoint = _dcp.load_entries(path, keys={"epoch", "step", "lineage", "rng_states"})
         elif not sharded and path.is_file():
             checkpoint = load_checkpoint(path, verbose=False)
         else:
             continue
-        if checkpoint.get("epoch") != newest:
+        if not _continues(manager, checkpoint, path):
             continue
         saved_by = len(checkpoint.get("rng_states") or ())
-        if world_size is not None and saved_by != world_size and name != last:
+        if world_size is not None and saved_by != world_size and name != ("last" if sharded else "last.pth"):
             warnings.warn(
                 f"'{path}' was saved by {saved_by} process(es) and {world_size} resume: a mid-epoch position "
-                f"cannot be split over another number of processes, so it is skipped (the epoch's end, {last}, "
+                "cannot be split over another number of processes, so it is skipped (the epoch's end, last, "
                 "can be continued)",
                 stacklevel=2,
             )
             continue
-        found.append((checkpoint.get("step", 0), -order, path, None if sharded else checkpoint))
-    if not found:
-        return None, None
-    *_, path, checkpoint = max(found, key=lambda item: item[:2])
-    return path, checkpoint
+        return path, None if sharded else checkpoint
+    return None, None
+
+
+def _continues(manager: Any, checkpoint: Mapping[str, Any], path: Path) -> bool:
+    """Whether ``checkpoint`` continues ``manager``'s history (see :func:`find_resume_checkpoint`)."""
+    unit = getattr(manager, "unit", "epoch")
+    newest = max((record[unit] for record in manager.values), default=None)
+    tokens = getattr(manager, "_lineage", {})
+    expected, token = tokens.get(str(newest)), checkpoint.get("lineage")
+    if expected and token:
+        if token != expected and token not in tokens.values():
+            warnings.warn(
+                f"--resume auto skipped '{path}': it continues another history than '{manager.metrics_file.name}' "
+                f"(saved at {unit} {checkpoint.get(unit)} of a run branched or restarted since)",
+                stacklevel=3,
+            )
+        return token == expected
+    position = checkpoint.get(unit)
+    return position == (newest or 0) if unit == "epoch" else type(position) is int and position >= (newest or 0)
