@@ -23,7 +23,8 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["batteries", "batteries.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.1", "numpy>=1.21", "tqdm>=4.60", "tensorboardX>=2.5"],
+    # torch: the oldest release the full suite passed on (tools/test-torch VERSION runs it)
+    install_requires=["torch>=2.13", "numpy>=1.21", "tqdm>=4.60", "tensorboardX>=2.5"],
     extras_require={
         "examples": EXAMPLES,
         "test": TEST,
