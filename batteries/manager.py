@@ -35,7 +35,7 @@ class CheckpointManager:
     symbolic links; :meth:`process` and :meth:`save` are then collectives. See docs/checkpoint-manager.md.
 
     Args:
-        logdir: folder for the checkpoints; created (on rank 0) if missing.
+        logdir: folder for the checkpoints; created by the first save (building a manager writes nothing).
         checkpoint_names: file name prefix. Default ``"exp"``.
         metric: the key of the score that decides the best. Default ``"loss"``.
         metric_minimization: True if lower is better (a bool). Default True.
@@ -84,8 +84,6 @@ class CheckpointManager:
         self._recorded_n_best: int | None = None
         self._extra: dict[str, Any] = {}  # other keys of metrics_file, kept as they are
         self._lineage: dict[str, str] = {}  # position -> token of its record: which history a checkpoint continues
-        if distributed.is_main_process():
-            self.logdir.mkdir(parents=True, exist_ok=True)
         numbered = sorted(p.name for unit in _history.UNITS for p in self._numbered_files(unit))  # then the history,
         _history.check_numbered(self.metrics_file, self._load_history(), self.values, numbered)  # newer than them
 
