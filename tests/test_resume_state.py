@@ -50,7 +50,7 @@ def test_a_fresh_start_over_a_history_is_refused_at_once_and_auto_starts_fresh_i
 
 def test_resume_restores_objects_plain_values_and_rng_and_continues_bitwise(tmp_path):
     straight = make_state()
-    for epoch in (1, 2, 3):
+    for _epoch in (1, 2, 3):
         train(straight)
     expected = weights(straight)
 
