@@ -320,4 +320,10 @@ def _continues(manager: Any, checkpoint: Mapping[str, Any], path: Path) -> bool:
             )
         return token == expected
     position = checkpoint.get(unit)
+    if unit == "epoch" and isinstance(position, int) and position > (newest or 0):
+        warnings.warn(
+            f"--resume auto skipped '{path}': it records epoch {position}, after the newest recorded epoch "
+            f"{newest or 0} (a checkpoint's epoch is the last finished one); pass it as --resume PATH to take it",
+            stacklevel=3,
+        )
     return position == (newest or 0) if unit == "epoch" else type(position) is int and position >= (newest or 0)

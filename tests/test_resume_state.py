@@ -158,3 +158,17 @@ def test_a_state_entry_the_checkpoint_lacks_is_named_and_nothing_is_restored(tmp
     with pytest.raises(KeyError, match=r"no state for: extra.*it holds:.*model_state_dict"):
         CheckpointManager(tmp_path).resume(state, "auto")
     assert all(torch.equal(a, b) for a, b in zip(before, weights(state)))
+
+
+def test_a_dict_checkpoint_after_the_newest_epoch_is_skipped_with_a_warning(tmp_path):
+    """Checkpoint dicts carry no token: their epoch decides; one past the history is named, not passed over."""
+    from batteries import find_resume_checkpoint, make_training_state
+
+    state, manager = make_state(), CheckpointManager(tmp_path)
+    manager.process(1.0, 1, make_training_state(state["model"], epoch=1))
+    manager.save(make_training_state(state["model"], epoch=2))  # the epoch it is in, not the last finished one
+    with pytest.warns(
+        UserWarning, match=r"skipped '.*step.pth': it records epoch 2, after the newest recorded epoch 1"
+    ):
+        path, _ = find_resume_checkpoint(manager)
+    assert path == tmp_path / "last.pth"
