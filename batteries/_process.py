@@ -9,8 +9,10 @@ import ctypes
 import os
 import signal
 import sys
+from types import FrameType
+from typing import Any
 
-__all__ = ["STOP_SIGNALS", "die_with_parent", "ignore_stop_signals", "pid_alive"]
+__all__ = ["STOP_SIGNALS", "die_with_parent", "outlast_stop_signals", "pid_alive"]
 
 _PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
 
@@ -20,7 +22,7 @@ STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
 )
 
 
-def die_with_parent(ancestor_pid: int | None = None, *, sig: int = signal.SIGKILL) -> None:
+def die_with_parent(ancestor_pid: int | None = None, *, sig: int = getattr(signal, "SIGKILL", signal.SIGTERM)) -> None:
     """Ask the kernel to send ``sig`` to this process when its parent process dies (Linux; elsewhere a no-op).
 
     Call it in helper processes (DataLoader workers, servers), never in the training process
@@ -29,8 +31,8 @@ def die_with_parent(ancestor_pid: int | None = None, *, sig: int = signal.SIGKIL
     ``sig`` at once.
 
     Args:
-        ancestor_pid: a process further up (the training process, for a worker whose parent is
-            the forkserver) whose death must end this one too. Default None.
+        ancestor_pid: a process further up (the training process, for a worker started by a
+            forkserver) whose death must end this one too. Default None.
         sig: the signal to receive. Default SIGKILL.
 
     Example:
@@ -47,14 +49,32 @@ def die_with_parent(ancestor_pid: int | None = None, *, sig: int = signal.SIGKIL
         os.kill(os.getpid(), sig)  # it died before the request was in place
 
 
-def ignore_stop_signals() -> None:
-    """Ignore :data:`STOP_SIGNALS` (SIGTERM, SIGINT, SIGUSR1) in this process.
+def outlast_stop_signals(training_pid: int, closing: Any) -> None:
+    """Keep this helper process (a DataLoader worker) alive through stop signals, and end it with the training process.
 
-    For helper processes (DataLoader workers): a signal sent to the whole process group then
-    leaves them running, and the training process decides when to stop.
+    :data:`STOP_SIGNALS` get a handler that ignores them, so a signal sent to the whole process
+    group (Ctrl-C) or to every process of a job (SLURM) leaves the helper running while the training
+    process stops and saves. Being handled rather than ignored, they are back to their defaults in
+    the programs the helper starts (``exec`` resets handlers, not ignored signals), and this call
+    unblocks them. The handler ends the process at once (exit status 0) when the training process is
+    gone or exiting (``closing.value`` true). On Linux the parent's death sends SIGTERM to that
+    handler: a thread of the training process that forked the helper and then ended is no death.
+
+    Args:
+        training_pid: the process whose death or exit ends this one.
+        closing: a shared flag (``multiprocessing`` ``RawValue``) the training process sets when it exits.
     """
+    parent = os.getppid()
+
+    def on_stop_signal(signum: int, frame: FrameType | None) -> None:
+        if closing.value or os.getppid() != parent or not pid_alive(training_pid):
+            os._exit(0)
+
     for stop_signal in STOP_SIGNALS:
-        signal.signal(stop_signal, signal.SIG_IGN)
+        signal.signal(stop_signal, on_stop_signal)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    die_with_parent(training_pid, sig=signal.SIGTERM)
 
 
 def pid_alive(pid: int) -> bool:

@@ -16,7 +16,28 @@ from torch.utils.data import DistributedSampler, Sampler
 from batteries import distributed
 from batteries._checks import check_bool, check_int
 
-__all__ = ["DistributedEvalSampler", "DistributedTrainSampler"]
+__all__ = ["DistributedEvalSampler", "DistributedTrainSampler", "EpochIndex"]
+
+
+class EpochIndex(int):
+    """A dataset index (an ``int``, equal to it) that also tells its epoch: ``index.epoch``.
+
+    :class:`DistributedTrainSampler` yields these; :func:`batteries.make_loader`'s workers seed the
+    random draws of each sample from (seed, ``index.epoch``, ``index``).
+    """
+
+    epoch: int
+
+    def __new__(cls, index: int, epoch: int) -> EpochIndex:
+        value = super().__new__(cls, index)
+        value.epoch = epoch
+        return value
+
+    def __reduce__(self) -> tuple[type, tuple[int, int]]:
+        return EpochIndex, (int(self), self.epoch)
+
+    def __repr__(self) -> str:
+        return int.__repr__(self)
 
 
 class DistributedEvalSampler(Sampler[int]):
@@ -71,9 +92,11 @@ class DistributedTrainSampler(DistributedSampler):
     one process every index comes exactly once per epoch. Call ``set_epoch(epoch)`` before every epoch.
 
     Resuming mid-epoch: ``samples_consumed`` counts this rank's indices of the current epoch already
-    used, and iteration skips them. Iterating does not advance it: set it from your own step counter
+    used, and iteration skips them. Iterating does not advance it: :func:`~batteries.make_loader`'s
+    loader keeps it in step; with another loader set it from your own step counter
     (``batches_done * batch_size``) before :meth:`state_dict`. ``set_epoch`` with a new epoch resets
     it to 0; with the epoch it already has (a resumed run entering its interrupted epoch) it keeps it.
+    The indices are :class:`EpochIndex` (ints that also carry the epoch).
 
     Args:
         dataset: a sized dataset.
@@ -130,9 +153,9 @@ class DistributedTrainSampler(DistributedSampler):
             raise ValueError(f"samples_consumed must be <= {self.num_samples} (this rank's share), got {value!r}")
         return value
 
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self._samples_consumed :])
+    def __iter__(self) -> Iterator[EpochIndex]:
+        indices, epoch = list(super().__iter__())[self._samples_consumed :], self.epoch
+        return (EpochIndex(index, epoch) for index in indices)
 
     def __len__(self) -> int:
         return self.num_samples - self._samples_consumed

@@ -95,17 +95,66 @@ def run_python(args, cwd, timeout=240):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
-def test_the_resume_snippet_runs_as_written_and_continues_a_stopped_run(tmp_path):
-    """Stopped after epoch 5, the snippet as written continues at epoch 6; run again, it has nothing left to do."""
+def own_loop_blocks():
+    """The two loops of the README's "In your own loop": an epoch loop and an iteration loop."""
+    blocks = section("Resume").split("### In your own loop")[1].split("```python\n")[1:]
+    return [block.split("```")[0] for block in blocks]
+
+
+def kill_mid_run(script, folder):
+    """Start ``script`` in ``folder``; ``kill -9`` it once it saved step.pth after its first record."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, script], cwd=folder, stderr=subprocess.PIPE, text=True)
+    history, step = folder / "checkpoints" / "metrics.json", folder / "checkpoints" / "step.pth"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            recorded = json.loads(history.read_text())["values"]
+            if recorded and step.stat().st_mtime_ns > history.stat().st_mtime_ns:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.002)
+    assert process.poll() is None, f"the run ended before it could be killed: {process.communicate()[1][-2000:]}"
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate()
+    return json.loads(history.read_text())["values"]
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["epoch-loop", "iteration-loop"])
+def test_the_own_loop_snippets_resume_bit_exactly_after_kill_9(tmp_path, index):
+    """Each snippet as written: killed (kill -9) mid-run after a step.pth, resumed with --resume auto, it ends
+    with the uninterrupted run's weights, bit for bit; a start without --resume over its history is refused."""
     import json
 
-    code = python_block("Resume")
-    assert "range(first, 11)" in code
-    for source in (code.replace("range(first, 11)", "range(first, 6)"), code, code):
-        result = run_python(["-c", source], tmp_path)
-        assert result.returncode == 0, result.stderr[-3000:]
-    history = json.loads((tmp_path / "checkpoints" / "metrics.json").read_text())["values"]
-    assert [record["epoch"] for record in history] == list(range(1, 11))
+    import torch
+
+    code = own_loop_blocks()[index]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for folder in (straight, killed):
+        folder.mkdir()
+        (folder / "train.py").write_text(code)
+    result = run_python(["train.py"], straight)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = kill_mid_run("train.py", killed)
+    resumed = run_python(["train.py", "--resume", "auto"], killed)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "skipped" not in resumed.stderr
+    expected = torch.load(straight / "checkpoints" / "last.pth", weights_only=True)["model_state_dict"]
+    got = torch.load(killed / "checkpoints" / "last.pth", weights_only=True)["model_state_dict"]
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), before
+    records = [
+        json.loads((folder / "checkpoints" / "metrics.json").read_text())["values"] for folder in (straight, killed)
+    ]
+    assert records[0] == records[1]  # the same scores, recorded once each
+    fresh = run_python(["train.py"], killed)
+    assert fresh.returncode != 0 and "holds the history of a run" in fresh.stderr
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

@@ -1,5 +1,7 @@
 """batteries.distributed.DistributedTrainSampler: the same script under plain python and torchrun."""
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -118,3 +120,12 @@ def test_shuffle_false_keeps_dataset_order(no_group):
     sampler = distributed.DistributedTrainSampler(range(5), shuffle=False)
     sampler.set_epoch(7)
     assert list(sampler) == [0, 1, 2, 3, 4]
+
+
+def test_indices_carry_their_epoch_and_pickle(no_group):
+    sampler = distributed.DistributedTrainSampler(range(4), seed=2)
+    sampler.set_epoch(6)
+    indices = list(sampler)
+    assert indices == permutation(4, 2 + 6) and {index.epoch for index in indices} == {6}
+    again = pickle.loads(pickle.dumps(indices[0]))  # as they travel to DataLoader workers
+    assert (again, again.epoch, repr(again)) == (indices[0], 6, repr(int(indices[0])))
