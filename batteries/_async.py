@@ -4,6 +4,7 @@ A background save's error is never lost. :meth:`AsyncWriter.submit` and :meth:`A
 re-raise it; a job whose outcome no call has seen by interpreter exit is reported then, whichever
 writer ran it (the default one of ``save_checkpoint``, a ``CheckpointManager``'s own, or one that
 was garbage collected): its traceback is printed to stderr and the process ends with exit status 1.
+A child forked (``os.fork``) meanwhile inherits neither the saves in flight nor their errors.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import sys
 import threading
 import traceback
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -139,6 +141,11 @@ class AsyncWriter:
         self._pending: Future | None = None
         self._lock = threading.Lock()
         self._buffers: list[torch.Tensor] = []
+        _writers.add(self)
+
+    def _forget_parents_job(self) -> None:
+        """In a child forked from this process: the job in flight and the thread are the parent's, not its own."""
+        self._executor, self._pending, self._lock = None, None, threading.Lock()
 
     def submit(self, obj: Any, job: Callable[[Any], Any]) -> None:
         """Wait for the job in flight (re-raising its error), snapshot ``obj``, run ``job(snapshot)`` behind."""
@@ -169,7 +176,25 @@ class AsyncWriter:
                     _unreported.discard(pending)
 
 
+_writers: weakref.WeakSet[AsyncWriter] = weakref.WeakSet()  # every writer of this process
 DEFAULT_WRITER = AsyncWriter()
+
+
+def _forget_parents_saves() -> None:
+    """After ``os.fork``, in the child: the saves in flight and their errors are the parent's to report.
+
+    The child's writers start afresh (the parent's writer threads are not in the child, and a lock a
+    thread held at the fork would stay held), so the child exits with its own status, at once.
+    """
+    global _unreported_lock
+    _unreported_lock = threading.Lock()
+    _unreported.clear()
+    for writer in list(_writers):
+        writer._forget_parents_job()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parents_saves)
 
 
 def _report_at_exit() -> None:

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from batteries import distributed
+from batteries._dcp_values import check_flat_keys, check_keys, decode, encode, state_leaves
 from batteries._io import fsync_dir, tmp_path
-from batteries._safe import make_safe
 
 METADATA = ".metadata"
 MODEL, OPTIMIZER = "model_state_dict", "optimizer_state_dict"
@@ -87,27 +87,15 @@ def commit_folder(tmp: Path, final: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- states
-def _plain(value: Any, where: str) -> Any:
-    """A state dict from ``get_state_dict`` with its non-tensor leaves made safe to load (tensors kept)."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, Mapping):
-        return {key: _plain(item, f"{where}[{key!r}]") for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        items = [_plain(item, f"{where}[{index}]") for index, item in enumerate(value)]
-        return tuple(items) if isinstance(value, tuple) else items
-    return make_safe(value, where, state=True)
-
-
 def model_and_optimizer_states(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """``{"model_state_dict", "optimizer_state_dict"}`` keyed by parameter names (DCP can reshard them),
     from ``get_state_dict``: this rank's DTensor shards under FSDP2, whole tensors otherwise."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     if optimizer is None:
-        return {MODEL: _plain(get_model_state_dict(model), MODEL)}
+        return {MODEL: state_leaves(get_model_state_dict(model), MODEL)}
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    return {MODEL: _plain(model_state, MODEL), OPTIMIZER: _plain(optimizer_state, OPTIMIZER)}
+    return {MODEL: state_leaves(model_state, MODEL), OPTIMIZER: state_leaves(optimizer_state, OPTIMIZER)}
 
 
 def check_state(checkpoint: Any) -> None:
@@ -131,34 +119,28 @@ def check_state(checkpoint: Any) -> None:
 
 
 def rank_share(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """What this rank writes: everything on global rank 0; the model and optimizer states elsewhere
-    (the other entries, e.g. RNG states gathered on rank 0, may differ between ranks)."""
-    if distributed.get_rank() == 0:
-        return {key: value if key in PARTS else _encode_empty(value) for key, value in checkpoint.items()}
-    return {key: value for key, value in checkpoint.items() if key in PARTS}
+    """What this rank writes, encoded so that it reads back as given (:mod:`batteries._dcp_values`).
 
+    Everything on global rank 0; the model and optimizer states elsewhere (the other entries, e.g.
+    RNG states gathered on rank 0, may differ between ranks).
 
-# DCP flattens nested dicts into their leaves, so an empty dict (a disabled GradScaler's state) would
-# vanish: it is written as this marker and read back as {}
-_EMPTY_DICT = ("batteries: an empty dict",)
-
-
-def _encode_empty(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {key: _encode_empty(item) for key, item in value.items()} if value else _EMPTY_DICT
-    if isinstance(value, list):
-        return [_encode_empty(item) for item in value]
-    return value
-
-
-def _decode_empty(value: Any) -> Any:
-    if isinstance(value, tuple) and value == _EMPTY_DICT:
-        return {}
-    if isinstance(value, Mapping):
-        return {key: _decode_empty(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_decode_empty(item) for item in value]
-    return value
+    Raises:
+        TypeError / ValueError: as :func:`check_state`, or naming the key of a value that a sharded
+            checkpoint would not give back exactly (an int key in an optimizer state, two entries
+            under one flat key, a value of a type ``make_safe`` does not give).
+    """
+    check_state(checkpoint)
+    main = distributed.get_rank() == 0
+    share = {}
+    for key, value in checkpoint.items():
+        if type(key) is not str:
+            raise TypeError(f"checkpoint keys must be str in a sharded checkpoint, got {key!r}")
+        if key in PARTS:
+            share[key] = check_keys(value, key)
+        elif main:
+            share[key] = encode(value, key)
+    check_flat_keys(share)
+    return share
 
 
 def save(state: Mapping[str, Any], folder: Path, *, group: Any = None, asynchronous: bool = False) -> Any:
@@ -180,6 +162,8 @@ def save(state: Mapping[str, Any], folder: Path, *, group: Any = None, asynchron
     no_dist = not distributed.is_initialized()
     writer = FileSystemWriter(str(folder), sync_files=True)
     planner = DefaultSavePlanner(dedup_save_to_lowest_rank=True)  # replicated tensors: rank 0's copy
+    if asynchronous and no_dist:  # DCP warns on its own thread, maybe after _quiet ended: a filter that stays
+        warnings.filterwarnings("ignore", message=_ONE_PROCESS, module=r"torch\.distributed\.checkpoint")
     with _quiet(), _plain_errors():
         if asynchronous:
             return dcp.async_save(
@@ -223,8 +207,11 @@ def _plain_errors() -> Iterator[None]:
 def _quiet() -> Iterator[None]:
     """Silence DCP's warning that it works in one process (asked for: ``no_dist``)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message=_ONE_PROCESS)
         yield
+
+
+_ONE_PROCESS = "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to"
 
 
 # ----------------------------------------------------------------------------- reading
@@ -293,7 +280,7 @@ def _planner(flatten: bool) -> Any:
         """DCP's planner with non-tensor items read by ``torch.load(weights_only=True)``."""
 
         def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-            obj = torch.load(value, weights_only=True)
+            obj = torch.load(value, weights_only=True, map_location="cpu")
             if self.flatten_state_dict:  # at its path in the nested dict given
                 put(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
             else:  # into the dict given (self.state_dict may be a copy of it)
@@ -353,7 +340,7 @@ def load_entries(folder: str | os.PathLike, metadata: Any = None, keys: set[str]
             ``model_state_dict`` / ``optimizer_state_dict``.
 
     Returns:
-        The entries, nested as saved (tuples of tensors come back as lists).
+        The entries, as saved (tensors on the CPU).
 
     Raises:
         FileNotFoundError / RuntimeError: as :func:`read_metadata`, or for a file that cannot be read.
@@ -379,4 +366,4 @@ def load_entries(folder: str | os.PathLike, metadata: Any = None, keys: set[str]
     nested: dict[str, Any] = {}
     for key, value in flat.items():
         put(nested, planner_data.get(key, (key,)), value)
-    return _decode_empty(nested)
+    return decode(nested)

@@ -80,13 +80,14 @@ class DcpStore:
         Raises:
             RuntimeError: on every rank, naming the rank that failed.
         """
-        tmp = self._begin(checkpoint, name, check)
-        self._write(checkpoint, tmp, lambda: commit(tmp), epoch)
+        tmp, share = self._begin(checkpoint, name, check)
+        self._write(share, tmp, lambda: commit(tmp), epoch)
 
-    def _begin(self, checkpoint: Mapping[str, Any], name: str, check: Callable[[], None]) -> Path:
+    def _begin(self, checkpoint: Mapping[str, Any], name: str, check: Callable[[], None]) -> tuple[Path, dict]:
         """Every rank: wait for its save in flight, check, agree on rank 0's temporary folder name.
 
-        One collective carries every rank's outcome, so that all ranks raise together.
+        One collective carries every rank's outcome, so that all ranks raise together. Returns the
+        temporary folder and this rank's share (:func:`_dcp.rank_share`).
         """
         main = distributed.is_main_process()
         try:
@@ -96,9 +97,9 @@ class DcpStore:
             raise
         except BaseException as error:  # noqa: BLE001 - exchanged below, then raised
             pending = _dcp.plain_error(error)
-        mine, proposal = None, None
+        mine, proposal, share = None, None, {}
         try:
-            _dcp.check_state(checkpoint)
+            share = _dcp.rank_share(checkpoint)  # refuses what would not read back as given
             if pending is None and main:
                 check()
                 self.logdir.mkdir(parents=True, exist_ok=True)
@@ -118,12 +119,11 @@ class DcpStore:
             if earlier or error:
                 what = f"a previous asynchronous save failed on rank {rank}" if earlier else f"rank {rank} failed"
                 raise RuntimeError(f"CheckpointManager: {what}: {earlier or error}; nothing was saved")
-        return self.logdir / outcomes[0][2]
+        return self.logdir / outcomes[0][2], share
 
-    def _write(self, checkpoint: Mapping[str, Any], tmp: Path, commit: Callable[[], None], epoch: int | None) -> None:
-        """Every rank writes its share into ``tmp``; once all are written, rank 0 runs ``commit``."""
+    def _write(self, share: dict[str, Any], tmp: Path, commit: Callable[[], None], epoch: int | None) -> None:
+        """Every rank writes its ``share`` into ``tmp``; once all are written, rank 0 runs ``commit``."""
         main = distributed.is_main_process()
-        share = _dcp.rank_share(checkpoint)
         if self.async_save:
             if self._group is None and distributed.is_initialized():
                 self._group = distributed.gloo_group(dedicated=True)  # DCP's background collectives: not training's
@@ -131,7 +131,7 @@ class DcpStore:
             if main:
                 self.in_flight = epoch
             try:
-                self._writer.submit(None, lambda _: self._finish(future, tmp, commit if main else None))
+                self._writer.submit(None, lambda _: self._finish(future, tmp, commit if main else None, epoch))
             except BaseException:
                 self.in_flight = None
                 raise
@@ -142,22 +142,10 @@ class DcpStore:
             if main:
                 self.discard(tmp)
             raise
-        error: BaseException | None = None
-        if main:
-            try:
-                commit()
-            except Exception as caught:  # noqa: BLE001 - exchanged below, then raised
-                error = caught
-        outcomes = distributed.all_gather((_describe(error), self._share() if main else None))
-        if error is not None:
-            raise error
-        if outcomes[0][0]:
-            raise RuntimeError(f"CheckpointManager: rank 0 failed to commit the checkpoint: {outcomes[0][0]}")
-        if not main and epoch is not None:
-            self._adopt(outcomes[0][1])
+        self._commit_everywhere(commit if main else None, epoch, group=None)
 
-    def _finish(self, future: Any, tmp: Path, commit: Callable[[], None] | None) -> None:
-        """The background job of an asynchronous save: wait for DCP, then commit (rank 0)."""
+    def _finish(self, future: Any, tmp: Path, commit: Callable[[], None] | None, epoch: int | None) -> None:
+        """The background job of an asynchronous save: wait for DCP, then commit (rank 0) and share the outcome."""
         try:
             try:
                 future.result()
@@ -168,10 +156,27 @@ class DcpStore:
                 if mapped is error:
                     raise
                 raise mapped from error
-            if commit is not None:
-                commit()
+            self._commit_everywhere(commit, epoch, group=self._group)  # the saves' own group: not training's
         finally:
             self.in_flight = None
+
+    def _commit_everywhere(self, commit: Callable[[], None] | None, epoch: int | None, *, group: Any) -> None:
+        """Every rank, once every shard is written: rank 0 runs ``commit``; one collective on ``group``
+        gives every rank its outcome and history, so that all ranks raise together or hold the same history."""
+        error: BaseException | None = None
+        if commit is not None:
+            try:
+                commit()
+            except Exception as caught:  # noqa: BLE001 - exchanged below, then raised
+                error = caught
+        main = distributed.is_main_process()
+        outcomes = distributed.all_gather((_describe(error), self._share() if main else None), group=group)
+        if error is not None:
+            raise error
+        if outcomes[0][0]:
+            raise RuntimeError(f"CheckpointManager: rank 0 failed to commit the checkpoint: {outcomes[0][0]}")
+        if not main and epoch is not None:
+            self._adopt(outcomes[0][1])
 
     def publish(self, tmp: Path, path: Path) -> None:
         """Rank 0: make the complete folder ``tmp`` visible as ``path`` (which must not exist)."""

@@ -156,21 +156,20 @@ def gather_on_main(obj: T, *, timeout_s: float, what: str = "the objects") -> li
     return gathered
 
 
-def all_gather(obj: T) -> list[T]:
-    """Gather any picklable object from every rank (objects may differ in size between ranks).
-
-    On NCCL the current CUDA device (``torch.cuda.set_device``) carries the bytes; on gloo the CPU.
+def all_gather(obj: T, *, group: Any = None) -> list[T]:
+    """Gather any picklable object from every rank (sizes may differ; NCCL: via the current CUDA device).
 
     Args:
         obj: any picklable object (tensors, strings, dicts, ...).
+        group: the process group (e.g. :func:`gloo_group`); None for the default one.
 
     Returns:
         A list of ``world_size`` objects, index ``i`` from rank ``i``; ``[obj]`` in one process.
     """
-    if not is_initialized() or dist.get_world_size() == 1:
+    if not is_initialized() or dist.get_world_size(group) == 1:
         return [obj]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
     return gathered
 
 

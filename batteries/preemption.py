@@ -8,12 +8,14 @@ once per optimizer step; the loop then finishes the step, saves a resumable chec
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
-import sys
+import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
@@ -37,10 +39,11 @@ class StopOnSignal:
     non-blocking all-reduce on :func:`~batteries.distributed.gloo_group` about every ``interval_s``
     seconds (or every ``every`` calls); ``stop(wait=True)`` agrees at once, e.g. before an epoch's
     first step. A repeated signal within ``repeat_window_s`` is the same request; a later one kills
-    the process at once. One instance per process at a time. docs/distributed.md says more.
+    the process at once, also while the main thread waits in a collective (a thread sees the
+    signals: docs/preemption.md). One instance per process at a time.
 
     Args:
-        signals: the signals that request a stop. Default SIGTERM, SIGINT and SIGUSR1.
+        signals: the signals that request a stop (one given twice counts once). Default SIGTERM, SIGINT, SIGUSR1.
         every: agree every this many calls (int >= 1), or None for every ``interval_s``. Default None.
         interval_s: with ``every=None``, the seconds between agreements (float > 0). Default 0.25.
         repeat_window_s: seconds after the first signal in which more are the same request. Default 1.0.
@@ -81,7 +84,7 @@ class StopOnSignal:
         if not 0 <= self.repeat_window_s < float("inf"):
             raise ValueError(f"repeat_window_s must be a finite number >= 0, got {repeat_window_s!r}")
         try:
-            self.signals = tuple(signal.Signals(s) for s in signals)
+            self.signals = tuple(dict.fromkeys(signal.Signals(s) for s in signals))  # one listed twice: once
         except (TypeError, ValueError) as error:
             raise ValueError(f"signals must be signal numbers such as signal.SIGTERM, got {signals!r}") from error
         if not self.signals:
@@ -93,7 +96,7 @@ class StopOnSignal:
             )
         self.signum: int | None = None
         self.stopped = False
-        self._received_at = 0.0
+        self._first_delivery: float | None = None  # when the first signal was delivered (time.monotonic)
         self._calls = 0  # since the last agreement call
         self._spacing = self.every or 1  # calls between agreement calls: the same on every rank
         self._agreed_at = time.perf_counter()
@@ -101,26 +104,41 @@ class StopOnSignal:
         self._group = distributed.gloo_group()  # None in one process
         self._closed = False
         self._previous: dict[signal.Signals, Any] = {}
+        self._deliveries: _Deliveries | None = None
         try:
             for s in self.signals:
                 self._previous[s] = signal.signal(s, self._handle)
         except (OSError, ValueError) as error:  # SIGKILL, SIGSTOP, ...: cannot be caught
             self._restore()
             raise ValueError(f"signals must be signals a process can catch, got {s!r}: {error}") from error
+        try:
+            self._deliveries = _Deliveries(self._delivered)
+        except BaseException:
+            self._restore()
+            raise
         _ACTIVE.append(self)
         if "TORCHELASTIC_RUN_ID" in os.environ and signal.SIGTERM in self.signals:
             die_with_parent(sig=signal.SIGTERM)  # torchrun's agent dies: stop like on its SIGTERM
 
     # ----------------------------------------------------------------- signals
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        """The Python handler (main thread): records the request; the deliveries are counted by the thread."""
+        if self.signum is None:
+            self.signum = signum
+        if self._deliveries is None or not self._deliveries.watching():  # a forked child, or an asyncio loop's fd
+            self._delivered(signum)  # no thread sees the deliveries: count them here
+
+    def _delivered(self, signum: int) -> None:
+        """One delivery of a signal: the first is the request; one after ``repeat_window_s`` ends the process."""
+        if signum not in self.signals:  # the wakeup socket carries every signal Python handles
+            return
         now = time.monotonic()
         if self.signum is None:
-            self.signum, self._received_at = signum, now
-        elif now - self._received_at > self.repeat_window_s:
-            sys.stderr.write(f"{signal.Signals(signum).name} again: exiting at once, without saving\n")
-            sys.stderr.flush()
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            self.signum = signum  # also while the main thread waits in C and runs no handler
+        if self._first_delivery is None:
+            self._first_delivery = now
+        elif now - self._first_delivery > self.repeat_window_s:
+            _die_of(signum)
 
     @property
     def signal_name(self) -> str | None:
@@ -203,19 +221,26 @@ class StopOnSignal:
         """
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("StopOnSignal.close() must be called in the main thread: only it can restore handlers")
-        if self._pending is not None:
-            work, _ = self._pending
-            self._pending = None
-            work.wait()
-        self._restore()
-        self._group, self._closed = None, True  # holds no process group: destroy_process_group can free it
+        try:
+            if self._pending is not None:
+                work, _ = self._pending
+                self._pending = None
+                work.wait()  # raises if a peer died: the handlers are restored all the same
+        finally:
+            self._restore()
+            self._group, self._closed = None, True  # holds no process group: destroy_process_group can free it
 
     def _restore(self) -> None:
-        for s, previous in self._previous.items():
-            signal.signal(s, previous if previous is not None else signal.SIG_DFL)
-        self._previous = {}
-        if self in _ACTIVE:
-            _ACTIVE.remove(self)
+        deliveries, self._deliveries = self._deliveries, None
+        try:
+            if deliveries is not None:
+                deliveries.close()
+        finally:
+            for s, previous in self._previous.items():
+                signal.signal(s, previous if previous is not None else signal.SIG_DFL)
+            self._previous = {}
+            if self in _ACTIVE:
+                _ACTIVE.remove(self)
 
     def __enter__(self) -> StopOnSignal:
         return self
@@ -226,3 +251,85 @@ class StopOnSignal:
 
 def _several_ranks() -> bool:
     return distributed.is_initialized() and distributed.get_world_size() > 1
+
+
+def _die_of(signum: int) -> None:
+    """End the process at once by ``signum``'s default action (killed by the signal), from any thread."""
+    os.write(2, f"{signal.Signals(signum).name} again: exiting at once, without saving\n".encode())
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signum, signal.SIG_DFL)
+    else:  # Python's signal.signal works in the main thread only: the C library's signal()
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).signal(int(signum), ctypes.c_void_p(0))  # 0: SIG_DFL
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])  # delivered to this thread, now
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)  # only where the default action could not be restored
+
+
+class _Deliveries:
+    """Every delivery of a signal that Python handles, seen by a thread as it happens (docs/preemption.md).
+
+    Python runs signal handlers only between the main thread's bytecodes, so not while it waits in C
+    (a collective), and a signal delivered twice meanwhile runs its handler once. With
+    ``signal.set_wakeup_fd``, the C-level handler writes each delivery's number to a socket, which a
+    thread reads and passes to ``on_delivery`` (the wakeup fd set before, e.g. asyncio's, gets them too).
+    """
+
+    def __init__(self, on_delivery: Callable[[int], None]) -> None:
+        self._read, self._write = socket.socketpair()
+        self._write.setblocking(False)
+        try:
+            self._previous = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        except BaseException:
+            self._read.close()
+            self._write.close()
+            raise
+        self._thread = threading.Thread(target=self._run, args=(on_delivery,), name="batteries-signals", daemon=True)
+        self._thread.start()
+
+    def _run(self, on_delivery: Callable[[int], None]) -> None:
+        while True:
+            try:
+                data = self._read.recv(512)
+            except OSError:
+                return
+            if not data:
+                return
+            if self._previous >= 0:
+                with contextlib.suppress(OSError):
+                    os.write(self._previous, data)
+            for signum in data:
+                on_delivery(signum)
+
+    def watching(self) -> bool:
+        """Whether the wakeup fd is still this socket (main thread; other code may have set its own since)."""
+        current = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        if current != self._write.fileno():
+            signal.set_wakeup_fd(current)  # theirs stays
+        return current == self._write.fileno()
+
+    def close(self, *, forked: bool = False) -> None:
+        """Give the wakeup fd back and end the thread; ``forked``: in a forked child (the thread is not there)."""
+        with contextlib.suppress(ValueError):  # not in the main thread
+            current = signal.set_wakeup_fd(self._previous)
+            if current != self._write.fileno():  # another took it over since: theirs stays
+                signal.set_wakeup_fd(current)
+        if not forked:
+            with contextlib.suppress(OSError):
+                self._read.shutdown(socket.SHUT_RDWR)  # the thread's recv returns
+            self._thread.join(timeout=5)
+        self._read.close()
+        self._write.close()
+
+
+def _forget_deliveries_in_child() -> None:
+    """After ``os.fork``, in the child: its signals must not reach the parent's thread through the shared socket."""
+    for stop in _ACTIVE:
+        deliveries, stop._deliveries = stop._deliveries, None
+        if deliveries is not None:
+            deliveries.close(forked=True)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_deliveries_in_child)

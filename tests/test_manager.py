@@ -288,3 +288,51 @@ def test_async_errors_are_raised_by_wait_by_the_next_process_and_leave_the_folde
     manager.wait()
     assert [record["epoch"] for record in manager.values] == [1, 2]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_save_writes_a_named_file_that_is_never_numbered_recorded_or_best(tmp_path):
+    from batteries import make_training_state
+
+    manager = CheckpointManager(tmp_path, save_n_best=1)
+    manager.process(2.0, 1, make_checkpoint("s", 1, nn.Linear(1, 1)))
+    metrics = (tmp_path / "metrics.json").read_bytes()
+    model = nn.Linear(1, 1)
+    for step in (7, 9):  # the second replaces the first
+        path = manager.save(make_training_state(model, epoch=1, step=step), "step")
+        assert path == tmp_path / "step.pth"
+        assert load_checkpoint(path, verbose=False)["step"] == step
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "exp_1.pth", "last.pth", "metrics.json",
+                                                          "step.pth"]  # fmt: skip
+    assert (tmp_path / "metrics.json").read_bytes() == metrics and [r["epoch"] for r in manager.values] == [1]
+    assert manager.best_epoch == 1 and load_checkpoint(tmp_path / "best.pth", verbose=False)["epoch"] == 1
+    for name in ("best", "last", "exp_3", ".hidden", "step.3", "../step", ""):
+        with pytest.raises(ValueError, match="name"):
+            manager.save(make_checkpoint("s", 1, model), name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "exp_1.pth", "last.pth", "metrics.json",
+                                                          "step.pth"]  # fmt: skip
+
+
+def test_find_resume_checkpoint_with_files_takes_step_then_last_and_skips_another_world_size_mid_epoch(tmp_path):
+    from batteries import find_resume_checkpoint, make_training_state
+
+    model = nn.Linear(1, 1)
+    manager = CheckpointManager(tmp_path, save_n_best=1)
+    assert find_resume_checkpoint(manager) == (None, None)  # a fresh start
+    for epoch, score in enumerate([2.0, 1.0], start=1):
+        manager.process(score, epoch, make_training_state(model, epoch=epoch, step=10 * epoch))
+    path, checkpoint = find_resume_checkpoint(manager)
+    assert path == tmp_path / "last.pth" and checkpoint["epoch"] == 2 and checkpoint["step"] == 20
+    manager.save(make_training_state(model, epoch=2, step=27), "step")  # mid-epoch 3, by 1 process
+    path, checkpoint = find_resume_checkpoint(manager, world_size=1)
+    assert path == tmp_path / "step.pth" and checkpoint["step"] == 27
+    with pytest.warns(UserWarning, match="mid-epoch position"):  # 2 processes cannot split it: the epoch's end
+        path, checkpoint = find_resume_checkpoint(manager, world_size=2)
+    assert path == tmp_path / "last.pth" and checkpoint["step"] == 20
+    path, checkpoint = find_resume_checkpoint(manager, names=["last.pth"])
+    assert path == tmp_path / "last.pth" and checkpoint["step"] == 20
+    assert find_resume_checkpoint(manager, names=["other.pth"]) == (None, None)
+    manager.process(0.5, 3, make_training_state(model, epoch=3, step=30))  # step.pth (epoch 2) is behind now
+    assert find_resume_checkpoint(manager)[0] == tmp_path / "last.pth"
+    for bad in (0, True, 1.5):
+        with pytest.raises((TypeError, ValueError), match="world_size"):
+            find_resume_checkpoint(manager, world_size=bad)

@@ -4,6 +4,7 @@ kills at every step, a monitor process, hand deletions, asynchronous errors) are
 test_manager.py and test_manager_hostile.py. Most tests run in one process (DCP without a process group);
 the multi-rank one runs 2 gloo processes with FSDP2."""
 
+import collections
 import datetime
 import json
 import multiprocessing as mp
@@ -15,10 +16,19 @@ import sys
 
 import pytest
 import torch
-from spawn import free_port
+from spawn import free_port, run_workers
 from torch import nn
 
-from batteries import CheckpointManager, _dcp, find_resume_checkpoint, make_training_state, restore_training_state
+from batteries import (
+    EMA,
+    CheckpointManager,
+    _dcp,
+    find_resume_checkpoint,
+    load_checkpoint,
+    make_training_state,
+    restore_training_state,
+    save_checkpoint,
+)
 
 
 def build():
@@ -134,7 +144,7 @@ def test_bad_arguments_and_the_other_kinds_folder_are_refused(tmp_path):
     for name in ("best", "last", "exp_3", "step.3", ".hidden", "metrics.json"):
         with pytest.raises(ValueError, match="name must not"):
             manager.save(state(0), name)
-    assert not any((tmp_path / "a").iterdir())  # nothing was written
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())  # nothing was written
     filled(tmp_path / "sharded", [1.0])
     with pytest.raises(ValueError, match="sharded checkpoint folders"):
         CheckpointManager(tmp_path / "sharded")
@@ -166,6 +176,110 @@ def test_rewind_deletes_the_forgotten_folders_and_never_leaves_a_dangling_link(t
     assert_every_visible_checkpoint_loads(tmp_path)
     manager.process(score=0.5, epoch=3, checkpoint=state(3))
     assert visible(tmp_path) == ["best", "exp_3", "last", "metrics.json"]
+
+
+# ------------------------------------------------------------------ values come back as given
+def learning_rates(folder=None, *, sharded=False, save_at=None, resume=None):
+    """The learning rates of a MultiStepLR run (milestones: a Counter keyed by int); saved at epoch
+    ``save_at`` and stopped there, or resumed from ``resume``."""
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[3, 5], gamma=0.1)
+    start, rates = 0, []
+    if resume is not None:
+        restored = restore_training_state(resume, model, optimizer=optimizer, scheduler=scheduler, restore_rng=False)
+        start = restored["epoch"]
+    for epoch in range(start + 1, 8):
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+        if epoch == save_at:
+            checkpoint = make_training_state(model, epoch=epoch, optimizer=optimizer, scheduler=scheduler,
+                                             sharded=sharded)  # fmt: skip
+            CheckpointManager(folder, sharded=sharded).process(1.0, epoch, checkpoint)
+            break
+    return rates
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["files", "sharded"])
+def test_a_resumed_multistep_scheduler_decays_as_the_uninterrupted_run(tmp_path, sharded):
+    straight = learning_rates()
+    assert straight == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01, 0.01])
+    first = learning_rates(tmp_path, sharded=sharded, save_at=2)
+    rest = learning_rates(resume=tmp_path / ("last" if sharded else "last.pth"))
+    assert first + rest == straight
+
+
+def assert_same(a, b, where="checkpoint"):
+    """Equal values of the same types, dict keys in the same order, the same attributes (an OrderedDict's _metadata)."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b) and getattr(a, "__dict__", None) == getattr(b, "__dict__", None), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{index}]")
+    else:
+        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"
+
+
+HOSTILE = {
+    "labels": {0: "cat", 1: "dog"},
+    "class_counts": collections.Counter({3: 5, 1: 2}),
+    "nested": {"a": {0: {1: 2.5}}, "b": [{"c": {}}, {True: None, 1.5: "x", None: 3}]},
+    "empties": {"dict": {}, "list": [], "ordered": collections.OrderedDict(), "in_list": [{}, torch.ones(1)]},
+    "mixed": [torch.zeros(2), {7: torch.ones(1)}, "s", None, (torch.ones(1), {8: 9})],
+    "dotted": {"a.b": torch.ones(1), "c": 1, "0": torch.zeros(1), "1": 2},
+    "numbers": [2**70, float("nan"), float("-inf"), True, b"bytes", torch.float16],
+    "shapes": [torch.zeros(0), torch.ones(2, 0, 3), torch.tensor(3), torch.arange(6).reshape(2, 3).t()],
+}
+
+
+def test_every_entry_reads_back_with_its_types_as_from_a_one_file_checkpoint(tmp_path):
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [2, 4])
+    parts = {"optimizer": optimizer, "scheduler": scheduler, "ema": EMA(model)}  # EMA: an OrderedDict with _metadata
+    save_checkpoint(make_training_state(model, epoch=1, **parts, **HOSTILE), tmp_path, "one.pth")
+    expected = load_checkpoint(tmp_path / "one.pth", verbose=False)
+    CheckpointManager(tmp_path / "sharded", sharded=True).process(
+        1.0, 1, make_training_state(model, epoch=1, sharded=True, **parts, **HOSTILE)
+    )
+    metadata = _dcp.read_metadata(tmp_path / "sharded" / "last")
+    read = _dcp.load_entries(tmp_path / "sharded" / "last", metadata)
+    assert sorted(read) == sorted(key for key in expected if key not in _dcp.PARTS)
+    for key in read:
+        assert_same(read[key], expected[key], key)
+    assert read["ema_state_dict"]._metadata == EMA(model).state_dict()._metadata
+    restored = restore_training_state(tmp_path / "sharded" / "last", model, optimizer=optimizer, restore_rng=False)
+    assert_same(restored["labels"], {0: "cat", 1: "dog"})
+
+
+def test_a_value_that_would_not_read_back_as_given_is_refused_naming_it_and_nothing_is_written(tmp_path):
+    manager = CheckpointManager(tmp_path, sharded=True)
+    model = nn.Linear(2, 1)
+    good = make_training_state(model, epoch=1, sharded=True)
+    optimizer_state = {"state": {}, "param_groups": [{"params": ["weight"], "table": {1: 2}}]}
+    refused = [
+        ({"extra": {"a.b": 1, "a": {"b": 2}}}, ValueError, "under one key"),  # DCP's flat key "extra.a.b" twice
+        ({"extra": ("batteries: an empty dict",)}, ValueError, r"extra: a tuple that starts with"),
+        ({"extra": {"x": [{"batteries: OrderedDict": 1}]}}, ValueError, r"extra\['x'\]\[0\]: the key"),
+        ({"extra": {"when": collections.deque([1])}}, TypeError, r"extra\['when'\]: a value of type deque"),
+        ({"extra": {1: object()}}, TypeError, r"extra\[1\]: a value of type object"),
+        ({"optimizer_state_dict": optimizer_state}, TypeError, r"\['table'\]: dict key 1 of type int"),
+        ({3: 1}, TypeError, "checkpoint keys must be str"),
+    ]
+    for change, kind, message in refused:
+        with pytest.raises(kind, match=message):
+            manager.process(1.0, 1, {**good, **change})
+    assert list(tmp_path.iterdir()) == [] and manager.values == []
+    manager.process(1.0, 1, good)  # the manager is still usable
+    assert visible(tmp_path) == ["best", "exp_1", "last", "metrics.json"]
 
 
 # ------------------------------------------------------------------ asynchronous saves
@@ -205,6 +319,39 @@ CheckpointManager({str(tmp_path)!r}, sharded=True, async_save=True).process(
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "No space left on device" in result.stderr
     assert list(tmp_path.iterdir()) == []  # the temporary folder removed; no history before a first commit
+
+
+def histories_after_wait(rank, world_size, folder):
+    """Asynchronous sharded saves on 2 ranks; rank 0's commit of epoch 3 fails. What each rank holds after wait()."""
+
+    def no_space(tmp, final):
+        raise OSError(28, "No space left on device")
+
+    manager = CheckpointManager(folder, save_n_best=2, sharded=True, async_save=True)
+    model, seen = nn.Linear(2, 1), []
+    for epoch, score in enumerate([2.0, 1.0, 0.5], start=1):
+        if epoch == 3 and rank == 0:
+            _dcp.commit_folder = no_space  # rank 0 cannot rename the folder into place
+        manager.process(score, epoch, make_training_state(model, epoch=epoch, sharded=True))
+        try:
+            manager.wait()
+            error = None
+        except (OSError, RuntimeError) as caught:
+            error = f"{type(caught).__name__}: {caught}"
+        seen.append((list(manager.values), manager.best, manager.best_epoch, error))
+    return seen
+
+
+def test_every_rank_holds_the_same_history_after_wait_with_async_sharded_saves(tmp_path):
+    first, second = run_workers(histories_after_wait, 2, str(tmp_path), timeout_s=120)
+    for epoch, (mine, theirs) in enumerate(zip(first, second), start=1):
+        assert mine[:3] == theirs[:3], (epoch, mine, theirs)
+    values, best, best_epoch, error = first[1]
+    assert [r["epoch"] for r in values] == [1, 2] and best_epoch == 2 and best == {"epoch": 2, "loss": 1.0}
+    assert first[1][3] is None and second[1][3] is None
+    # epoch 3's commit failed on rank 0: both ranks raise at wait(), both keep epochs 1 and 2
+    assert "No space left" in first[2][3] and "rank 0 failed to commit" in second[2][3]
+    assert [r["epoch"] for r in second[2][0]] == [1, 2]
 
 
 # ------------------------------------------------------------------ 2 ranks, FSDP2

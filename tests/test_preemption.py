@@ -1,5 +1,6 @@
 """StopOnSignal: a signal becomes a stop request that every rank acts on at the same call."""
 
+import json
 import os
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import threading
 import time
 
 import pytest
-from spawn import run_in_child, run_workers
+from spawn import free_port, run_in_child, run_workers
 
 from batteries import StopOnSignal
 
@@ -49,6 +50,69 @@ def test_close_restores_the_previous_handlers():
     assert run_in_child(child) == {"inside": True, "after": True, "sigint": True}
 
 
+def test_a_signal_listed_twice_is_handled_once_and_close_restores_the_handler_from_before():
+    def child():
+        def mine(signum, frame):
+            pass
+
+        signal.signal(signal.SIGUSR1, mine)
+        stop = StopOnSignal(signals=[signal.SIGUSR1, signal.SIGUSR1])
+        signals = [s.name for s in stop.signals]
+        stop.close()
+        return {"signals": signals, "after": signal.getsignal(signal.SIGUSR1) is mine}
+
+    assert run_in_child(child) == {"signals": ["SIGUSR1"], "after": True}
+
+
+def test_requested_is_this_rank_s_signal_before_any_agreement():
+    def child():
+        stop = StopOnSignal(every=1000)
+        before = stop.requested
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return {"before": before, "after": stop.requested, "stopped": stop.stopped, "name": stop.signal_name}
+
+    assert run_in_child(child) == {"before": False, "after": True, "stopped": False, "name": "SIGUSR1"}
+
+
+PEER_DIES = textwrap.dedent(
+    """
+    import datetime, json, os, signal, sys, time
+    import torch.distributed as dist
+    from batteries import StopOnSignal
+    rank, port = int(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    stop = StopOnSignal(every=1)
+    dist.barrier()
+    if rank == 1:
+        os._exit(0)  # dies without joining the next agreement
+    stop()  # starts an agreement its peer never joins
+    try:
+        stop.close()
+        error = None
+    except Exception as caught:  # gloo: the peer closed the connection
+        error = isinstance(caught, RuntimeError)
+    restored = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    StopOnSignal().close()  # a new one can be built
+    print(json.dumps({"error": error, "restored": restored}), flush=True)
+    os._exit(0)
+    """
+)
+
+
+def test_close_restores_the_handlers_also_when_the_last_agreement_fails():
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, "-c", PEER_DIES, str(rank), port], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]  # fmt: skip
+    try:
+        stdout, stderr = ranks[0].communicate(timeout=60)
+        assert json.loads(stdout) == {"error": True, "restored": True}, stderr
+    finally:
+        for process in ranks:
+            process.kill()
+            process.communicate()
+
+
 SECOND_SIGNAL = textwrap.dedent(
     """
     import os, signal, sys, time
@@ -73,6 +137,50 @@ def test_a_repeat_within_the_window_is_the_same_request_and_a_later_one_exits_at
     assert result.returncode == -signal.SIGINT  # ended by the signal itself: the shell shows 130
     assert "Traceback" not in result.stderr and "SIGINT again" in result.stderr
     assert time.monotonic() - started < 5 + 30  # it did not sleep the 5 s out (startup aside)
+
+
+SLOW_PEER = textwrap.dedent(
+    """
+    import datetime, sys, time
+    import torch.distributed as dist
+    from batteries import StopOnSignal
+    rank, where, port = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    stop = StopOnSignal(every=1, repeat_window_s=0.2)
+    if rank == 1:
+        time.sleep(60)  # the slow peer: rank 0 waits for it in C, where Python runs no signal handler
+    print("waiting", flush=True)
+    if where == "stop(wait=True)":
+        stop(wait=True)
+    elif where == "agreement":
+        stop()  # starts an agreement
+        stop()  # waits for it
+    else:
+        dist.barrier()  # a collective of the training loop
+    print("not reached", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("where", ["stop(wait=True)", "agreement", "barrier"])
+def test_a_second_signal_ends_the_process_while_it_waits_in_a_collective_for_a_slow_peer(where):
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, "-c", SLOW_PEER, str(rank), where, port], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]  # fmt: skip
+    try:
+        assert ranks[0].stdout.readline() == "waiting\n"
+        time.sleep(0.2)  # in the collective by now
+        ranks[0].send_signal(signal.SIGTERM)  # the request: the step cannot finish while the peer is slow
+        time.sleep(0.4)
+        ranks[0].send_signal(signal.SIGTERM)  # after the repeat window: exit at once
+        _, stderr = ranks[0].communicate(timeout=10)
+        assert ranks[0].returncode == -signal.SIGTERM, stderr
+        assert "SIGTERM again: exiting at once" in stderr
+    finally:
+        for process in ranks:
+            process.kill()
+            process.communicate()
 
 
 def test_bad_arguments_are_refused_at_the_call():
