@@ -57,9 +57,11 @@ def test_device_example_one_epoch(tmp_path):
     assert len(list((logdir / "tensorboard").iterdir())) == 1
     log = (logdir / "train.log").read_text()
     assert "epoch 1/1: train loss" in log and "best valid accuracy" in log
-    assert "tensorboard --logdir" in result.stderr
+    assert "tensorboard --logdir" in result.stderr and "pip install tensorboard" in result.stderr
     checkpoint = torch.load(logdir / "checkpoints" / "best.pth", weights_only=True)
-    assert checkpoint["epoch"] == 1 and {"rng_states", "scaler_state_dict", "step", "batches_done"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 1 and {"rng_states", "scaler_state_dict", "steps", "loader_state_dict"} <= set(
+        checkpoint
+    )
 
     # the logdir now holds a run: it is neither overwritten nor touched without --resume or -f
     before = {p: p.stat().st_mtime_ns for p in logdir.rglob("*")}
@@ -112,7 +114,7 @@ def test_resume_with_more_epochs_follows_the_longer_schedule(tmp_path, straight_
     # the last of 5 * 12 steps on the cosine of 5 epochs (on the old one of 3 epochs it would be 0)
     total = 5 * 12
     expected = 3e-3 * 0.5 * (1 + math.cos(math.pi * (total - 1) / total))
-    assert state["step"] == total
+    assert state["steps"] == total
     assert state["optimizer_state_dict"]["param_groups"][0]["lr"] == pytest.approx(expected, rel=1e-12)
 
 
@@ -274,7 +276,7 @@ def position(path):
         state = torch.load(path, weights_only=True)
     except Exception:  # not there yet (or being replaced right now)
         return None
-    return state["epoch"], state.get("batches_done", 0)
+    return state["epoch"], state["loader_state_dict"]["batches_done"]
 
 
 RESUME_ARGS = ["--device", "cpu", "--batch-size", "128", "--num-workers", "2", "--epochs", "3", "--save-n-best", "2"]
@@ -291,13 +293,14 @@ def launch(example, *args):
 def straight_run(tmp_path_factory):
     """The uninterrupted run of an example, once per example."""
 
-    def get(example):
-        if example not in _STRAIGHT:
+    def get(example, *extra):
+        key = (example, *extra)
+        if key not in _STRAIGHT:
             logdir = tmp_path_factory.mktemp(f"straight-{example}") / "run"
-            result = run(launch(example, "--logdir", logdir))
+            result = run(launch(example, "--logdir", logdir, *extra))
             assert result.returncode == 0, result.stderr[-3000:]
-            _STRAIGHT[example] = logdir
-        return _STRAIGHT[example]
+            _STRAIGHT[key] = logdir
+        return _STRAIGHT[key]
 
     return get
 
@@ -325,14 +328,12 @@ def test_kill_9_and_resume_is_bitwise_the_uninterrupted_run(tmp_path, straight_r
     result = run(launch(example, "--logdir", logdir, "--resume", "auto", *extra))
     assert result.returncode == 0, result.stderr[-3000:]
     log = (logdir / "train.log").read_text()
-    resumed_from = re.search(
-        r"Resumed from '.*/(\w+\.pth)' \(epoch (\d+) finished\); continuing at epoch (\d+), batch (\d+)", log
-    )
+    resumed_from = re.search(r"Resumed from '.*' \(epoch (\d+) finished\); continuing at epoch (\d+), batch (\d+)", log)
     assert resumed_from, log[-2000:]
-    name, finished, epoch, batch = resumed_from.groups()
+    finished, epoch, batch = resumed_from.groups()
     assert int(epoch) == int(finished) + 1
-    if mode == "mid-epoch":
-        assert name == "step.pth" and int(batch) > 1
+    if mode == "mid-epoch":  # from step.pth: part way into an epoch
+        assert int(batch) > 1
 
     straight = straight_run(example)
     a = torch.load(straight / "checkpoints" / "last.pth", weights_only=True)
@@ -345,6 +346,46 @@ def test_kill_9_and_resume_is_bitwise_the_uninterrupted_run(tmp_path, straight_r
     numbered = sorted(int(p.stem.split("_")[1]) for p in checkpoints.glob("exp_*.pth"))
     assert numbered == sorted(r["epoch"] for r in ranked[:2])
     assert torch.load(checkpoints / "best.pth", weights_only=True)["epoch"] == ranked[0]["epoch"]
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the DataLoader workers")
+def test_two_stages_killed_in_the_second_resume_bitwise_as_the_uninterrupted_run(tmp_path, straight_run):
+    """--stages head all: a folder per stage, the second from the first's best.pth; kill -9 part way into the
+    second stage, then --resume auto skips the finished first stage and continues the second from step.pth."""
+    logdir, stages = tmp_path / "run", ["--stages", "head", "all", "--save-every-steps", "2"]
+    second = logdir / "checkpoints" / "all"
+
+    def ready():
+        return (position(second / "step.pth") or (0, 0))[1] > 0  # a mid-epoch step.pth of the second stage
+
+    kill_9_when(launch("device", "--logdir", logdir, *stages), ready)
+    result = run(launch("device", "--logdir", logdir, "--resume", "auto", *stages))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (logdir / "train.log").read_text().split("Arguments:")[-1]
+    assert "(epoch 3 finished); its epochs are done: nothing to continue" in log
+    assert re.search(r"Resumed from '.*/all' \(epoch \d finished\); continuing at epoch \d, batch ([2-9]|1\d)\n", log)
+    straight = straight_run("device", *stages)
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["all", "head"]
+    assert sorted(p.name for p in (straight / "tensorboard").iterdir()) == ["all", "head"]
+    for stage in ("head", "all"):
+        a, b = (torch.load(logs / "checkpoints" / stage / "last.pth", weights_only=True) for logs in (straight, logdir))
+        assert a["steps"] == b["steps"] and a["epoch"] == b["epoch"] == 3
+        for key, value in a["model_state_dict"].items():
+            assert torch.equal(value, b["model_state_dict"][key]), (stage, key)
+        history = [
+            json.loads((logs / "checkpoints" / stage / "metrics.json").read_text())["values"]
+            for logs in (straight, logdir)
+        ]
+        assert history[0] == history[1]
+    # the first stage trained the head alone (the convolutions kept their initial weights)
+    head = {name: torch.load(straight / "checkpoints" / "head" / name, weights_only=True)["model_state_dict"]
+            for name in ("best.pth", "last.pth")}  # fmt: skip
+    assert torch.equal(head["best.pth"]["features.0.0.weight"], head["last.pth"]["features.0.0.weight"])
+    # a branch of the first stage would leave the second stage's history behind: refused before anything runs
+    branch = run(
+        launch("device", "--logdir", logdir, "--resume", logdir / "checkpoints" / "head" / "exp_2.pth", *stages)
+    )
+    assert branch.returncode == 2 and "the later stages ['all'] have checkpoints" in branch.stderr
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -369,7 +410,7 @@ def test_resume_auto_after_a_branch_never_takes_the_abandoned_runs_step_checkpoi
     result = run([DEVICE, *FAST, "--epochs", "3", "--resume", "auto", "--logdir", logdir])
     assert result.returncode == 0, result.stderr[-2000:]
     log = (logdir / "train.log").read_text()
-    assert log.count("Resumed from") == 2 and "last.pth' (epoch 1 finished); continuing at epoch 2, batch 1\n" in log
+    assert log.count("Resumed from") == 2 and "(epoch 1 finished); continuing at epoch 2, batch 1\n" in log
     assert epochs_recorded(logdir) == [1, 2, 3]
 
 
@@ -398,8 +439,9 @@ def test_killing_an_example_with_workers_leaves_no_process_behind(tmp_path, sig)
         while not ((logdir / "train.log").exists() and "epoch 1/" in (logdir / "train.log").read_text()):
             assert time.monotonic() < deadline and process.poll() is None, "the run did not reach epoch 1"
             time.sleep(0.1)
-        helpers = descendants(process.pid)
-        assert len(helpers) >= 2  # the forkserver and the workers
+        while len(helpers := descendants(process.pid)) < 2:  # the workers, alive while an epoch runs
+            assert time.monotonic() < deadline and process.poll() is None, "no DataLoader workers"
+            time.sleep(0.02)
         process.send_signal(sig)  # to the training process only, as a scheduler or `kill` does
         process.wait(timeout=30)
         deadline = time.monotonic() + 10
@@ -424,11 +466,14 @@ def test_mid_epoch_resume_with_another_batch_size_trains_every_sample_once(tmp_p
     first = run([*command, "--batch-size", "128", "--save-every-steps", str(steps_per_epoch + 3)])
     assert first.returncode == 0, first.stderr[-2000:]
     step = torch.load(checkpoints / "step.pth", weights_only=True)
-    assert step["epoch"] == 1 and step["sampler"]["samples_consumed"] == 3 * 128  # 3 batches into epoch 2
+    assert step["epoch"] == 1 and step["loader_state_dict"]["samples_done"] == 3 * 128  # 3 batches into epoch 2
     result = run([*command, "--batch-size", "64", "--resume", checkpoints / "step.pth"])
     assert result.returncode == 0, result.stderr[-2000:]
     last = torch.load(checkpoints / "last.pth", weights_only=True)
-    assert last["epoch"] == 2 and last["sampler"]["samples_consumed"] == share
+    assert last["epoch"] == 2 and (last["loader_state_dict"]["epoch"], last["loader_state_dict"]["samples_done"]) == (
+        3,
+        0,
+    )
     meters = [last["meters"]] if example == "device" else last["meters"]
     assert [rank["loss"]["count"] for rank in meters] == [share] * world_size  # none skipped, none twice
     assert "continuing at epoch 2, batch 7" in (logdir / "train.log").read_text()  # 384 samples = 6 of 64

@@ -146,7 +146,7 @@ def test_a_resume_with_another_number_of_processes_reshards_and_reseeds(straight
     run(processes, "--logdir", logdir, "--resume", "auto", "--epochs", "3")
     log = (logdir / "train.log").read_text().split("Arguments:")[-1]
     assert f"Saved by 2 processes, {processes} now: RNG streams reseeded" in log
-    assert re.search(r"Resumed from '.*/last' \(epoch 2 finished\); continuing at epoch 3, batch 1\n", log)
+    assert re.search(r"Resumed from '.*' \(epoch 2 finished\); continuing at epoch 3, batch 1\n", log)
     values, _ = epochs_and_weights(logdir)
     assert [record["epoch"] for record in values] == [1, 2, 3]
     if processes == 3:

@@ -1,21 +1,19 @@
 """Train a small CNN on scikit-learn's handwritten digits with DistributedDataParallel.
 
-The device example's loop, data parallel over processes: NCCL with one GPU per process when CUDA
-is available, gloo on the CPU otherwise. Only global rank 0 writes files (nodes may share a disk);
-``--batch-size`` is per process; validation gives every sample to exactly one rank, so its metrics
-are exactly the single-process ones. Every launcher works unchanged:
+The device example's loop, data parallel over processes: NCCL with one GPU per process when CUDA is available, gloo
+on the CPU otherwise. Only global rank 0 writes files (nodes may share a disk); ``--batch-size`` is per process;
+validation gives every sample to exactly one rank, so its metrics are exactly the single-process ones. Every
+launcher works unchanged (``--resume auto`` continues a stopped run):
 
-    torchrun --nproc_per_node=2 examples/ddp/experiment.py        # --resume auto continues a stopped run
+    torchrun --nproc_per_node=2 examples/ddp/experiment.py
     python -m torch.distributed.launch --nproc_per_node=2 examples/ddp/experiment.py
     python examples/ddp/experiment.py                             # one process, no launcher
     torchrun --nnodes=2 --nproc_per_node=1 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 --rdzv-id=job \
         examples/ddp/experiment.py                                # on each node
 
-Writes to ``--logdir``: ``checkpoints/`` (the N best exp_<epoch>.pth, best.pth, last.pth, step.pth,
-metrics.json), ``tensorboard/`` and ``train.log``.
+Writes ``checkpoints/`` (the N best exp_<epoch>.pth, best.pth, last.pth, step.pth, metrics.json), ``tensorboard/``
+and ``train.log`` to ``--logdir``.
 """
-
-from __future__ import annotations
 
 import argparse
 import contextlib
@@ -39,29 +37,12 @@ from batteries import (
     EarlyStopIndicator,
     StopOnSignal,
     TensorboardLogger,
-    find_resume_checkpoint,
+    distributed,
     get_logger,
     load_checkpoint,
     make_loader,
-    make_training_state,
-    restore_training_state,
-    save_checkpoint,
     seed_all,
     t2d,
-)
-from batteries.distributed import (
-    DistributedEvalSampler,
-    DistributedTrainSampler,
-    all_gather,
-    barrier,
-    broadcast_buffers,
-    cleanup_distributed,
-    get_rank,
-    get_world_size,
-    init_distributed,
-    is_initialized,
-    sreduce,
-    zero_rank_first,
 )
 from batteries.progress import tqdm
 
@@ -88,7 +69,7 @@ def bounded(kind: type, low: float, high: float = math.inf, above: bool = False)
     return parse
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
@@ -122,8 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--resume: checkpoint {args.resume!r} does not exist; pass a .pth file or 'auto'")
     if args.resume and args.force:
         parser.error("--resume and -f/--force exclude each other: continue a run or start it over")
-    existing = [name for name in OUTPUTS if (args.logdir / name).exists()]
-    if existing and not (args.force or args.resume):
+    if (existing := [name for name in OUTPUTS if (args.logdir / name).exists()]) and not (args.force or args.resume):
         parser.error(f"--logdir: '{args.logdir}' already holds a run ({', '.join(existing)}); "
                      "pass --resume auto to continue it or -f/--force to start over")  # fmt: skip
     return args
@@ -171,23 +151,16 @@ def compute_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Te
 
 
 # ----------------------------------------------------------------------------- train / valid
-def get_lr(step: int, total_steps: int, args: argparse.Namespace) -> float:
-    """Cosine from ``--lr`` to 0 (nanoGPT's ``get_lr``): a resume with new ``--epochs`` follows the new cosine."""
-    return args.lr * 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0)))
-
-
-def train_fn(model, loader, optimizer, scaler, meters, args, step, stop, save_step=None) -> int:
-    """One epoch, or its rest after a mid-epoch resume, or up to a stop request; returns the optimizer steps so far."""
+def train_fn(state: dict, meters: dict, args: argparse.Namespace, stop: StopOnSignal, save) -> None:
+    """One epoch, or its rest after a mid-epoch resume, or up to a stop request; counts ``state["steps"]``."""
+    model, optimizer, scaler, loader = state["model"], state["optimizer"], state["scaler"], state["loader"]
     model.train()
     if stop(wait=True):  # a signal came during the last validation or save: stop before the first step
-        return step
-    sampler = loader.sampler
-    total_steps = args.epochs * math.ceil(math.ceil(sampler.num_samples / args.batch_size) / args.accum_steps)
-    for batch in tqdm(loader, desc=f"epoch {sampler.epoch} train", leave=False):
+        return
+    total_steps = args.epochs * math.ceil(len(loader) / args.accum_steps)
+    for batch in tqdm(loader, desc=f"epoch {loader.epoch} train", leave=False):
         x, y = t2d(batch, args.device, non_blocking=True)
-        sampler.samples_consumed += len(y)
-        end_of_epoch = sampler.samples_consumed == sampler.num_samples
-        step_now = (sampler.samples_consumed // args.batch_size) % args.accum_steps == 0 or end_of_epoch
+        step_now = loader.batches_done % args.accum_steps == 0 or loader.batches_done == len(loader)  # or epoch end
         # micro-steps skip DDP's gradient all-reduce; the step's last batch syncs the accumulated sum
         with model.no_sync() if isinstance(model, DDP) and not step_now else contextlib.nullcontext():
             with torch.autocast(args.device.type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
@@ -197,20 +170,20 @@ def train_fn(model, loader, optimizer, scaler, meters, args, step, stop, save_st
             meters[name].update(value.detach().mean(), len(y))  # tensors: no host sync per step
         if not step_now:
             continue  # accumulate the gradient of the next batch too
+        progress = min(state["steps"] / total_steps, 1.0)  # nanoGPT's cosine to 0, a function of the step
         for group in optimizer.param_groups:
-            group["lr"] = get_lr(step, total_steps, args)
+            group["lr"] = optimizer.defaults["lr"] * 0.5 * (1 + math.cos(math.pi * progress))
         if args.clip_grad_norm is not None:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if save_step is not None and step % args.save_every_steps == 0:
-            save_step(step)
-        if stop():  # a signal (preemption, Ctrl-C) reached any rank: every rank stops after this same step
+        state["steps"] += 1
+        if args.save_every_steps and state["steps"] % args.save_every_steps == 0:
+            save()  # step.pth, on every rank: a resume continues after this batch
+        if stop():  # a signal (preemption, Ctrl-C) reached any rank: every rank stops after this step
             break
-    return step
 
 
 @torch.no_grad()
@@ -227,7 +200,7 @@ def valid_fn(model, loader, args, all_ranks: bool = True) -> dict[str, float]:
             sums[name] = sums.get(name, 0.0) + value.double().sum()
         count += len(y)
     totals = torch.stack([*sums.values(), torch.tensor(count, dtype=torch.float64, device=args.device)])
-    *totals, count = (sreduce(totals) if all_ranks else totals).tolist()  # summed over the ranks' shares
+    *totals, count = (distributed.sreduce(totals) if all_ranks else totals).tolist()  # summed over the ranks' shares
     return {name: total / count for name, total in zip(sums, totals)}
 
 
@@ -235,138 +208,114 @@ def line(metrics: dict[str, float]) -> str:
     return " ".join(f"{name} {value:.4f}" for name, value in metrics.items())
 
 
+# ----------------------------------------------------------------------------- training
+def fit(model: nn.Module, train_loader, valid_loader, args, logger, stop) -> CheckpointManager:
+    """Train up to ``--epochs`` with DDP, resumed where the run stopped (on every rank; only rank 0 writes)."""
+    device_ids = [args.device] if args.device.type == "cuda" else None
+    ddp_model = DDP(model, device_ids=device_ids) if distributed.is_initialized() else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp_dtype == torch.float16)
+    early_stop = EarlyStopIndicator(args.patience, MINIMIZE_METRIC) if args.patience is not None else None
+    manager = CheckpointManager(args.logdir / "checkpoints", metric=MAIN_METRIC, metric_minimization=MINIMIZE_METRIC,
+                                save_n_best=args.save_n_best)  # fmt: skip  # on every rank; rank 0 writes
+    state = {"model": ddp_model, "optimizer": optimizer, "scaler": scaler, "early_stop": early_stop,
+             "loader": train_loader, "steps": 0, "meters": []}  # fmt: skip  # what a checkpoint holds
+    try:  # every rank restores its own RNG states and loader position
+        start = manager.resume(state, args.resume)  # the last finished epoch, 0 for a fresh start
+    except (ValueError, RuntimeError) as error:  # nothing continues the history, or a state that does not fit
+        sys.exit(f"--resume: {error}")
+    meters = defaultdict(AverageMeter)  # this rank's train metrics of the running epoch, by name
+    for name, meter_state in (
+        state["meters"][distributed.get_rank()] if train_loader.batches_done else {}
+    ).items():  # mid-epoch
+        meters[name].load_state_dict(meter_state)  # (at an epoch's end, any number of ranks: nothing to restore)
+    stopped_early = early_stop is not None and early_stop.num_bad_calls > early_stop.patience
+    if start or state["steps"]:
+        where = "it had stopped early: nothing to continue" if stopped_early else \
+            f"continuing at epoch {start + 1}, batch {train_loader.batches_done + 1}"  # fmt: skip
+        logger.info(f"Resumed from '{manager.logdir if args.resume == 'auto' else args.resume}' "
+                    f"(epoch {start} finished); {where}")  # fmt: skip
+
+    def save() -> None:  # step.pth, a collective: the position, every rank's meters and RNG states
+        state["meters"] = distributed.all_gather({name: meter.state_dict() for name, meter in meters.items()})
+        manager.save(state)
+
+    tensorboard = TensorboardLogger(args.logdir / "tensorboard", purge_step=start + 1 if start else None)
+    for epoch in range(start + 1, start if stopped_early else args.epochs + 1):
+        train_loader.set_epoch(epoch)  # the epoch's shuffle, the same on every rank
+        train_fn(state, meters, args, stop, save)
+        if stop.stopped:  # save where every rank stopped; --resume auto continues from there
+            save()
+            logger.info(f"stopped by {stop.signal_name} at epoch {epoch}, batch {train_loader.batches_done}; "
+                        "continue with --resume auto")  # fmt: skip
+            break
+        distributed.broadcast_buffers(model)  # every rank validates the model rank 0 saves (BatchNorm statistics)
+        train = {name: copy.deepcopy(meter).all_reduce().average for name, meter in meters.items()}  # over all ranks
+        valid = valid_fn(model, valid_loader, args)
+        logger.info(f"epoch {epoch}/{args.epochs}: train {line(train)} | valid {line(valid)}")
+        for tag, value in {"train": train, "valid": valid, "lr": optimizer.param_groups[0]["lr"]}.items():
+            tensorboard.add_metric(tag, value, epoch)  # curves: train/loss, valid/accuracy, lr, ...
+        should_stop = early_stop is not None and early_stop(valid[MAIN_METRIC])  # the same on every rank
+        state["meters"] = distributed.all_gather({name: meter.state_dict() for name, meter in meters.items()})
+        manager.process({**valid, **{f"train_{k}": v for k, v in train.items()}}, epoch, state)
+        meters.clear()
+        if should_stop:
+            logger.info(f"Early stop: no gain in valid {MAIN_METRIC} for {early_stop.num_bad_calls} epochs")
+            break
+    tensorboard.close()
+    return manager  # and lets go of DDP, which holds the process group: cleanup_distributed can free it
+
+
 # ----------------------------------------------------------------------------- experiment
-def main(argv: list[str] | None = None) -> dict:
+def main(argv=None) -> dict:
     args = parse_args(argv)  # every rank checks the flags before any rank writes
     started = time.perf_counter()
     if args.local_rank is not None:  # torch.distributed.launch without --use-env
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    backend = "nccl" if args.device.type == "cuda" else "gloo"
     if "WORLD_SIZE" in os.environ:  # a launcher started this process
-        args.device = init_distributed(backend="nccl" if args.device.type == "cuda" else "gloo")
-    rank, world_size = get_rank(), get_world_size()
+        args.device = distributed.init_distributed(backend=backend)
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
     stop = StopOnSignal()  # a signal no longer kills the run: it finishes the step, saves, exits 128 + signal
-    barrier()  # every rank has read the logdir (parse_args) before rank 0 changes it
+    distributed.barrier()  # every rank has read the logdir (parse_args) before rank 0 changes it
     if args.force and rank == 0:
         for path in (args.logdir / name for name in OUTPUTS):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     logger = get_logger("ddp-experiment", log_file=args.logdir / "train.log")  # the file on global rank 0 only
     logger.info(f"Arguments: {vars(args)}")
-    logger.info(f"World size {world_size}, backend {torch.distributed.get_backend() if is_initialized() else 'none'}")
+    logger.info(f"World size {world_size}, backend {backend if distributed.is_initialized() else 'none'}")
 
     seed_all(args.seed)  # the same seed on every rank: identical initial weights
-    with zero_rank_first():  # rank 0 prepares (downloads, caches) the data first, the others then read it
+    with distributed.zero_rank_first():  # rank 0 prepares (downloads, caches) the data first, the others then
         train_dataset, valid_dataset = get_datasets()
-    sampler = DistributedTrainSampler(train_dataset, seed=args.seed)  # this rank's shuffled share; resumable
-    train_loader = make_loader(train_dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers)
-    valid_sampler = DistributedEvalSampler(valid_dataset)  # every sample on exactly one rank
+    train_loader = make_loader(train_dataset, args.batch_size, shuffle=True, num_workers=args.num_workers,
+                               seed=args.seed)  # fmt: skip  # this rank's share, a new order every epoch
+    valid_sampler = distributed.DistributedEvalSampler(valid_dataset)  # every sample on exactly one rank
     valid_loader = make_loader(valid_dataset, args.batch_size, sampler=valid_sampler, num_workers=args.num_workers)
     logger.info(f"Data: {len(train_dataset)} train / {len(valid_dataset)} valid samples, {world_size} process(es)")
-
     args.amp_dtype = (torch.float16 if args.device.type == "cuda" else torch.bfloat16) if args.amp else None
     model = Net()
     if world_size > 1 and args.device.type == "cuda":  # on the CPU each rank normalises with its own statistics
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(args.device)
     seed_all(args.seed + rank)  # distinct dropout and augmentation streams per rank, as in nanoGPT
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp_dtype == torch.float16)
-    early_stop = EarlyStopIndicator(args.patience, MINIMIZE_METRIC) if args.patience is not None else None
-    checkpoint_dir = args.logdir / "checkpoints"
-    checkpointer = CheckpointManager(checkpoint_dir, metric=MAIN_METRIC, metric_minimization=MINIMIZE_METRIC,
-                                     save_n_best=args.save_n_best)  # fmt: skip  # on every rank; rank 0 writes
-    components = {"optimizer": optimizer, "scaler": scaler, "early_stop": early_stop}
-    meters = defaultdict(AverageMeter)  # this rank's train metrics of the running epoch, by name
-
-    def training_state(epoch: int, step: int, batches_done: int = 0, **extra) -> dict:  # a collective
-        every_rank = all_gather({name: meter.state_dict() for name, meter in meters.items()})
-        return make_training_state(model, epoch=epoch, step=step, **components, sampler=sampler.state_dict(),
-                                   meters=every_rank, batches_done=batches_done, world_size=world_size,
-                                   experiment_args=args, **extra)  # fmt: skip
-
-    def save_step(step: int) -> int:  # mid-epoch, on every rank: resumable, not an epoch for the N best; -> batches
-        batches_done = math.ceil(sampler.samples_consumed / args.batch_size)
-        save_checkpoint(training_state(sampler.epoch - 1, step, batches_done), checkpoint_dir, "step.pth")
-        return batches_done
-
-    start_epoch, step = 1, 0
-    resume, state = find_resume_checkpoint(checkpointer) if args.resume == "auto" else (args.resume, None)
-    if args.resume == "auto" and resume is None and checkpointer.values:
-        sys.exit(f"--resume auto: no checkpoint in '{checkpoint_dir}' continues its history; pass --resume PATH")
-    if resume is not None:
-        state = restore_training_state(state or resume, model, **components, manager=checkpointer)
-        try:
-            sampler.load_state_dict(state["sampler"])  # counted in samples: another --batch-size resumes exactly too
-        except ValueError as error:  # mid-epoch with another number of processes
-            sys.exit(f"--resume: '{resume}': {error}")
-        for name, meter_state in (state["meters"][rank] if state["batches_done"] else {}).items():  # mid-epoch
-            meters[name].load_state_dict(meter_state)
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        if early_stop is not None and early_stop.num_bad_calls > early_stop.patience:  # it had stopped early
-            start_epoch, where = args.epochs + 1, "it had stopped early: nothing to continue"
-        else:
-            batch = sampler.samples_consumed // args.batch_size + 1 if sampler.epoch == start_epoch else 1
-            where = f"continuing at epoch {start_epoch}, batch {batch}"
-        logger.info(f"Resumed from '{resume}' (epoch {state['epoch']} finished); {where}")
-    ddp_model = (
-        DDP(model, device_ids=[args.device] if args.device.type == "cuda" else None) if is_initialized() else model
-    )
-    tensorboard = TensorboardLogger(args.logdir / "tensorboard", purge_step=start_epoch if resume else None)
-
-    for epoch in range(start_epoch, args.epochs + 1):
-        if epoch != sampler.epoch:  # a new epoch, not the rest of an interrupted one
-            meters.clear()
-        sampler.set_epoch(epoch)  # the epoch's shuffle, the same on every rank (an interrupted epoch keeps its count)
-        step = train_fn(ddp_model, train_loader, optimizer, scaler, meters, args, step, stop,
-                        save_step=save_step if args.save_every_steps else None)  # fmt: skip
-        if stop.stopped:  # save where every rank stopped, then exit; --resume auto continues from there
-            batch = save_step(step)
-            logger.info(f"stopped by {stop.signal_name} at epoch {epoch}, batch {batch}; continue with --resume auto")
-            break
-        broadcast_buffers(model)  # every rank validates the model rank 0 saves (BatchNorm statistics)
-        train = {name: copy.deepcopy(meter).all_reduce().average for name, meter in meters.items()}  # over all ranks
-        valid = valid_fn(model, valid_loader, args)
-        logger.info(f"epoch {epoch}/{args.epochs}: train {line(train)} | valid {line(valid)}")
-        tensorboard.add_metric("train", train, epoch)
-        tensorboard.add_metric("valid", valid, epoch)
-        tensorboard.add_scalar("lr", optimizer.param_groups[0]["lr"], epoch)
-        should_stop = early_stop is not None and early_stop(valid[MAIN_METRIC])  # the same on every rank
-        state = training_state(epoch, step, metrics={"train": train, "valid": valid})
-        checkpointer.process(
-            score={**valid, **{f"train_{k}": v for k, v in train.items()}}, epoch=epoch, checkpoint=state
-        )
-        if should_stop:
-            logger.info(f"Early stop: no gain in valid {MAIN_METRIC} for {early_stop.num_bad_calls} epochs")
-            break
-    tensorboard.close()
+    manager = fit(model, train_loader, valid_loader, args, logger, stop)
     stop.close()
 
     # ------------------------------------------------------------------------- summary
-    summary = {}
-    best = checkpointer.best
-    if stop.stopped:
-        pass  # no summary: the run is not over, --resume auto continues it
-    elif rank == 0 and best is None:
+    summary, best = {}, manager.best
+    if rank == 0 and best is None and not stop.stopped:
         logger.error("No finite validation score was recorded; nothing to summarise")
-    elif rank == 0:  # a plain single-process evaluation of best.pth on the whole validation set
-        best_model = Net().to(args.device)
-        load_checkpoint(checkpoint_dir / "best.pth", best_model, map_location=args.device, verbose=False)
-        whole = make_loader(valid_dataset, args.batch_size)
-        reloaded = valid_fn(best_model, whole, args, all_ranks=False)
-        kept = ", ".join(sorted(path.name for path in checkpoint_dir.iterdir()))
-        logger.info("Summary")
-        logger.info(f"  processes           {world_size}")
-        logger.info(f"  best epoch          {best['epoch']} of {args.epochs}")
-        logger.info(f"  best valid {MAIN_METRIC:<8} {best[MAIN_METRIC]:.4f} "
-                    f"(best.pth re-evaluated: {reloaded[MAIN_METRIC]:.4f})")  # fmt: skip
-        logger.info(f"  checkpoints         {checkpoint_dir}/ ({kept})")
-        logger.info(
-            f"  log and curves      {args.logdir / 'train.log'}, tensorboard --logdir {args.logdir / 'tensorboard'}"
-        )
-        logger.info(f"  elapsed             {time.perf_counter() - started:.1f} s")
+    elif rank == 0 and not stop.stopped:  # a plain single-process evaluation of best.pth on the whole validation set
+        load_checkpoint(manager.logdir / "best.pth", best_model := Net().to(args.device), verbose=False)
+        reloaded = valid_fn(best_model, make_loader(valid_dataset, args.batch_size), args, all_ranks=False)
+        logger.info(f"Summary: best valid {MAIN_METRIC} {best[MAIN_METRIC]:.4f} at epoch {best['epoch']} of "
+                    f"{args.epochs} (best.pth re-evaluated: {reloaded[MAIN_METRIC]:.4f}), {world_size} process(es), "
+                    f"{time.perf_counter() - started:.1f} s; checkpoints in {manager.logdir}/")  # fmt: skip
+        logger.info(f"Curves: tensorboard --logdir {args.logdir / 'tensorboard'} (after pip install tensorboard)")
         summary = {"best_epoch": best["epoch"], f"best_{MAIN_METRIC}": best[MAIN_METRIC], "reloaded": reloaded}
-    del ddp_model  # DDP holds the process group: let go of it so that cleanup_distributed frees it now
-    barrier()
-    cleanup_distributed()
+    distributed.barrier()
+    distributed.cleanup_distributed()
     if stop.stopped:
         sys.exit(stop.exit_code)
     return summary

@@ -1,15 +1,12 @@
-"""Train a small CNN on scikit-learn's handwritten digits, on one device (CPU by default).
+"""Train a small CNN on scikit-learn's handwritten digits, on one device (CPU by default). For your own model, copy
+this file and change ``get_datasets``, ``Net``, ``compute_metrics`` and ``MAIN_METRIC`` / ``MINIMIZE_METRIC``.
 
-A plain loop with the helpers of ``batteries``. To train your own model, copy this file and change
-``get_datasets``, ``Net``, ``compute_metrics`` and ``MAIN_METRIC`` / ``MINIMIZE_METRIC``.
+    python examples/device/experiment.py                    # train; --resume auto continues a stopped run
+    python examples/device/experiment.py --stages head all  # the head alone, then every layer at --lr / 10
 
-    python examples/device/experiment.py                # train; --resume auto continues a stopped run
-
-Writes to ``--logdir``: ``checkpoints/`` (the N best exp_<epoch>.pth, best.pth, last.pth, step.pth,
-metrics.json), ``tensorboard/`` and ``train.log``.
+Writes ``checkpoints/`` (the N best exp_<epoch>.pth, best.pth, last.pth, step.pth, metrics.json), ``tensorboard/``
+and ``train.log`` to ``--logdir``; with several stages, checkpoints/<stage>/ and tensorboard/<stage>/.
 """
-
-from __future__ import annotations
 
 import argparse
 import math
@@ -29,22 +26,18 @@ from batteries import (
     EarlyStopIndicator,
     StopOnSignal,
     TensorboardLogger,
-    find_resume_checkpoint,
     get_logger,
     load_checkpoint,
     make_loader,
-    make_training_state,
-    restore_training_state,
-    save_checkpoint,
     seed_all,
     t2d,
 )
-from batteries.distributed import DistributedTrainSampler
 from batteries.progress import tqdm
 
 MAIN_METRIC = "accuracy"  # the validation metric that picks the best checkpoint and stops early
 MINIMIZE_METRIC = False
 OUTPUTS = ("checkpoints", "tensorboard", "train.log")
+STAGES = {"head": lambda model: model.head, "all": lambda model: model}  # what each stage trains
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -63,14 +56,15 @@ def bounded(kind: type, low: float, high: float = math.inf, above: bool = False)
     return parse
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--device", default=default_device, help=f"device (default {default_device})")
-    add("--epochs", type=bounded(int, 1), default=20, help="total epochs; a resumed run continues up to it")
+    add("--epochs", type=bounded(int, 1), default=20, help="total epochs (of each stage); a resume continues up to it")
     add("--batch-size", type=bounded(int, 1), default=64)
     add("--lr", type=bounded(float, 0, above=True), default=3e-3, help="peak AdamW learning rate, cosine to 0")
+    add("--stages", nargs="+", choices=STAGES, default=["all"], help="each from the previous one's best, at lr / 10")
     add("--seed", type=bounded(int, 0, 2**32 - 1), default=42)
     add("--num-workers", type=bounded(int, 0), default=0, help="DataLoader worker processes")
     add("--logdir", type=Path, default=Path("logs/device-experiment"))
@@ -91,12 +85,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--device: {str(args.device)!r} requested but CUDA is not available; use --device cpu")
     if args.logdir.exists() and not args.logdir.is_dir():
         parser.error(f"--logdir: '{args.logdir}' is a file; pass a folder")
-    if args.resume not in (None, "auto") and not Path(args.resume).is_file():
-        parser.error(f"--resume: checkpoint {args.resume!r} does not exist; pass a .pth file or 'auto'")
+    path = None if args.resume in (None, "auto") else Path(args.resume)
+    if path and not (path.is_file() and (len(args.stages) == 1 or path.parent.name in args.stages)):
+        parser.error(f"--resume: {args.resume!r} is not a checkpoint file (of a stage's folder); or pass 'auto'")
+    later = args.stages[args.stages.index(path.parent.name) + 1 :] if path and len(args.stages) > 1 else []
+    if trained := [stage for stage in later if (args.logdir / "checkpoints" / stage).exists()]:  # they start anew
+        parser.error(f"--resume: the later stages {trained} have checkpoints; delete their folders to train them anew")
     if args.resume and args.force:
         parser.error("--resume and -f/--force exclude each other: continue a run or start it over")
-    existing = [name for name in OUTPUTS if (args.logdir / name).exists()]
-    if existing and not (args.force or args.resume):
+    if (existing := [name for name in OUTPUTS if (args.logdir / name).exists()]) and not (args.force or args.resume):
         parser.error(f"--logdir: '{args.logdir}' already holds a run ({', '.join(existing)}); "
                      "pass --resume auto to continue it or -f/--force to start over")  # fmt: skip
     return args
@@ -144,23 +141,16 @@ def compute_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Te
 
 
 # ----------------------------------------------------------------------------- train / valid
-def get_lr(step: int, total_steps: int, args: argparse.Namespace) -> float:
-    """Cosine from ``--lr`` to 0 (nanoGPT's ``get_lr``): a resume with new ``--epochs`` follows the new cosine."""
-    return args.lr * 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0)))
-
-
-def train_fn(model, loader, optimizer, scaler, meters, args, step, stop, save_step=None) -> int:
-    """One epoch, or its rest after a mid-epoch resume, or up to a stop request; returns the optimizer steps so far."""
+def train_fn(state: dict, meters: dict, args: argparse.Namespace, stop: StopOnSignal, save) -> None:
+    """One epoch, or its rest after a mid-epoch resume, or up to a stop request; counts ``state["steps"]``."""
+    model, optimizer, scaler, loader = state["model"], state["optimizer"], state["scaler"], state["loader"]
     model.train()
     if stop(wait=True):  # a signal came during the last validation or save: stop before the first step
-        return step
-    sampler = loader.sampler
-    total_steps = args.epochs * math.ceil(math.ceil(sampler.num_samples / args.batch_size) / args.accum_steps)
-    for batch in tqdm(loader, desc=f"epoch {sampler.epoch} train", leave=False):
+        return
+    total_steps = args.epochs * math.ceil(len(loader) / args.accum_steps)
+    for batch in tqdm(loader, desc=f"epoch {loader.epoch} train", leave=False):
         x, y = t2d(batch, args.device, non_blocking=True)
-        sampler.samples_consumed += len(y)
-        end_of_epoch = sampler.samples_consumed == sampler.num_samples
-        step_now = (sampler.samples_consumed // args.batch_size) % args.accum_steps == 0 or end_of_epoch
+        step_now = loader.batches_done % args.accum_steps == 0 or loader.batches_done == len(loader)  # or epoch end
         with torch.autocast(args.device.type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
             metrics = compute_metrics(model(augment(x)), y)
         scaler.scale(metrics["loss"].mean() / args.accum_steps).backward()
@@ -168,20 +158,20 @@ def train_fn(model, loader, optimizer, scaler, meters, args, step, stop, save_st
             meters[name].update(value.detach().mean(), len(y))  # tensors: no host sync per step
         if not step_now:
             continue  # accumulate the gradient of the next batch too
+        progress = min(state["steps"] / total_steps, 1.0)  # nanoGPT's cosine to 0, a function of the step
         for group in optimizer.param_groups:
-            group["lr"] = get_lr(step, total_steps, args)
+            group["lr"] = optimizer.defaults["lr"] * 0.5 * (1 + math.cos(math.pi * progress))
         if args.clip_grad_norm is not None:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if save_step is not None and step % args.save_every_steps == 0:
-            save_step(step)
+        state["steps"] += 1
+        if args.save_every_steps and state["steps"] % args.save_every_steps == 0:
+            save()  # step.pth: a resume continues after this batch
         if stop():  # SIGTERM / SIGINT / SIGUSR1 (preemption, Ctrl-C) arrived: stop after this step
             break
-    return step
 
 
 @torch.no_grad()
@@ -203,8 +193,72 @@ def line(metrics: dict[str, float]) -> str:
     return " ".join(f"{name} {value:.4f}" for name, value in metrics.items())
 
 
+# ----------------------------------------------------------------------------- a stage
+def train_stage(stage: str, model: nn.Module, train_loader, valid_loader, args, logger, stop) -> CheckpointManager:
+    """Train ``stage`` up to ``--epochs`` in its own folders, from the previous stage's best weights."""
+    index, sub = args.stages.index(stage), [stage] if len(args.stages) > 1 else []  # a folder per stage if several
+    if index > 0:
+        load_checkpoint(args.logdir / "checkpoints" / args.stages[index - 1] / "best.pth", model, verbose=False)
+    trained = STAGES[stage](model.requires_grad_(False)).requires_grad_(True)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=args.lr / 10**index, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp_dtype == torch.float16)
+    early_stop = EarlyStopIndicator(args.patience, MINIMIZE_METRIC) if args.patience is not None else None
+    manager = CheckpointManager(args.logdir.joinpath("checkpoints", *sub), metric=MAIN_METRIC,
+                                metric_minimization=MINIMIZE_METRIC, save_n_best=args.save_n_best)  # fmt: skip
+    state = {"model": model, "optimizer": optimizer, "scaler": scaler, "early_stop": early_stop,
+             "loader": train_loader, "steps": 0, "meters": {}}  # fmt: skip  # what a checkpoint holds
+    # --resume PATH resumes the stage of its folder: the stages before it continue, those after it start anew
+    path = len(args.stages) > 1 and args.resume not in (None, "auto")
+    own = args.stages.index(Path(args.resume).parent.name) if path else index
+    source = args.resume if index == own else "auto" if index < own else None
+    try:
+        start = manager.resume(state, source)  # restored in place; the last finished epoch, 0 for a fresh start
+    except (ValueError, RuntimeError) as error:  # nothing continues the history, or a state that does not fit
+        sys.exit(f"--resume: {error}")
+    meters = defaultdict(AverageMeter)  # the running epoch's train metrics, by name
+    for name, meter_state in (state["meters"] if train_loader.batches_done else {}).items():  # mid-epoch
+        meters[name].load_state_dict(meter_state)
+    if start or state["steps"]:
+        stopped_early = early_stop is not None and early_stop.num_bad_calls > early_stop.patience
+        done = "it had stopped early" if stopped_early else "its epochs are done" if start >= args.epochs else ""
+        where = (f"{done}: nothing to continue" if done else
+                 f"continuing at epoch {start + 1}, batch {train_loader.batches_done + 1}")  # fmt: skip
+        logger.info(f"Resumed from '{source if source != 'auto' else manager.logdir}' (epoch {start} finished); "
+                    f"{where}")  # fmt: skip
+        if done:
+            return manager
+
+    def save() -> None:  # step.pth, between two records: the position, this epoch's meters, the RNG states
+        state["meters"] = {name: meter.state_dict() for name, meter in meters.items()}
+        manager.save(state)
+
+    tensorboard = TensorboardLogger(args.logdir.joinpath("tensorboard", *sub), purge_step=start + 1 if start else None)
+    for epoch in range(start + 1, args.epochs + 1):
+        train_loader.set_epoch(epoch)  # the epoch's shuffle (an interrupted epoch keeps its position)
+        train_fn(state, meters, args, stop, save)
+        if stop.stopped:  # save where it stopped and exit; --resume auto continues from there
+            save()
+            logger.info(f"stopped by {stop.signal_name} at epoch {epoch}, batch {train_loader.batches_done}; "
+                        "continue with --resume auto")  # fmt: skip
+            sys.exit(stop.exit_code)
+        train, valid = {name: meter.average for name, meter in meters.items()}, valid_fn(model, valid_loader, args)
+        logger.info(f"{stage} " * (len(args.stages) > 1) + f"epoch {epoch}/{args.epochs}: train {line(train)} | "
+                    f"valid {line(valid)}")  # fmt: skip
+        for tag, value in {"train": train, "valid": valid, "lr": optimizer.param_groups[0]["lr"]}.items():
+            tensorboard.add_metric(tag, value, epoch)  # curves: train/loss, valid/accuracy, lr, ...
+        should_stop = early_stop is not None and early_stop(valid[MAIN_METRIC])
+        state["meters"] = {name: meter.state_dict() for name, meter in meters.items()}
+        manager.process({**valid, **{f"train_{k}": v for k, v in train.items()}}, epoch, state)
+        meters.clear()
+        if should_stop:
+            logger.info(f"Early stop: no gain in valid {MAIN_METRIC} for {early_stop.num_bad_calls} epochs")
+            break
+    tensorboard.close()
+    return manager
+
+
 # ----------------------------------------------------------------------------- experiment
-def main(argv: list[str] | None = None) -> dict:
+def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     if args.force:
@@ -216,90 +270,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     seed_all(args.seed)
     train_dataset, valid_dataset = get_datasets()
-    sampler = DistributedTrainSampler(train_dataset, seed=args.seed)  # shuffles; counts samples for resumes
-    train_loader = make_loader(train_dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers)
+    train_loader = make_loader(train_dataset, args.batch_size, shuffle=True, num_workers=args.num_workers,
+                               seed=args.seed)  # fmt: skip  # a new order every epoch; counts its batches for resumes
     valid_loader = make_loader(valid_dataset, args.batch_size, num_workers=args.num_workers)
     logger.info(f"Data: {len(train_dataset)} train / {len(valid_dataset)} valid samples")
-
     args.amp_dtype = (torch.float16 if args.device.type == "cuda" else torch.bfloat16) if args.amp else None
     model = Net().to(args.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp_dtype == torch.float16)
-    early_stop = EarlyStopIndicator(args.patience, MINIMIZE_METRIC) if args.patience is not None else None
-    checkpoint_dir = args.logdir / "checkpoints"
-    checkpointer = CheckpointManager(checkpoint_dir, metric=MAIN_METRIC, metric_minimization=MINIMIZE_METRIC,
-                                     save_n_best=args.save_n_best)  # fmt: skip
-    components = {"optimizer": optimizer, "scaler": scaler, "early_stop": early_stop}
-    meters = defaultdict(AverageMeter)  # the running epoch's train metrics, by name
-
-    def training_state(epoch: int, step: int, batches_done: int = 0, **extra) -> dict:  # epoch: the last finished
-        return make_training_state(model, epoch=epoch, step=step, **components, sampler=sampler.state_dict(),
-                                   meters={name: meter.state_dict() for name, meter in meters.items()},
-                                   batches_done=batches_done, experiment_args=args, **extra)  # fmt: skip
-
-    def save_step(step: int) -> int:  # mid-epoch: resumable, but not an epoch for the N best; returns the batches done
-        batches_done = math.ceil(sampler.samples_consumed / args.batch_size)
-        save_checkpoint(training_state(sampler.epoch - 1, step, batches_done), checkpoint_dir, "step.pth")
-        return batches_done
-
-    start_epoch, step = 1, 0
-    resume, state = find_resume_checkpoint(checkpointer) if args.resume == "auto" else (args.resume, None)
-    if args.resume == "auto" and resume is None and checkpointer.values:
-        sys.exit(f"--resume auto: no checkpoint in '{checkpoint_dir}' continues its history; pass --resume PATH")
-    if resume is not None:
-        state = restore_training_state(state or resume, model, **components, manager=checkpointer)
-        sampler.load_state_dict(state["sampler"])  # counted in samples: another --batch-size resumes exactly too
-        for name, meter_state in state["meters"].items():
-            meters[name].load_state_dict(meter_state)
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        if early_stop is not None and early_stop.num_bad_calls > early_stop.patience:  # it had stopped early
-            start_epoch, where = args.epochs + 1, "it had stopped early: nothing to continue"
-        else:
-            batch = sampler.samples_consumed // args.batch_size + 1 if sampler.epoch == start_epoch else 1
-            where = f"continuing at epoch {start_epoch}, batch {batch}"
-        logger.info(f"Resumed from '{resume}' (epoch {state['epoch']} finished); {where}")
-    tensorboard = TensorboardLogger(args.logdir / "tensorboard", purge_step=start_epoch if resume else None)
-
-    for epoch in range(start_epoch, args.epochs + 1):
-        if epoch != sampler.epoch:  # a new epoch, not the rest of an interrupted one
-            meters.clear()
-        sampler.set_epoch(epoch)  # the epoch's shuffle (an interrupted epoch keeps its count)
-        step = train_fn(model, train_loader, optimizer, scaler, meters, args, step, stop,
-                        save_step=save_step if args.save_every_steps else None)  # fmt: skip
-        if stop.stopped:  # save where it stopped and exit; --resume auto continues from there
-            batch = save_step(step)
-            logger.info(f"stopped by {stop.signal_name} at epoch {epoch}, batch {batch}; continue with --resume auto")
-            sys.exit(stop.exit_code)
-        train, valid = {name: meter.average for name, meter in meters.items()}, valid_fn(model, valid_loader, args)
-        logger.info(f"epoch {epoch}/{args.epochs}: train {line(train)} | valid {line(valid)}")
-        tensorboard.add_metric("train", train, epoch)
-        tensorboard.add_metric("valid", valid, epoch)
-        tensorboard.add_scalar("lr", optimizer.param_groups[0]["lr"], epoch)
-        should_stop = early_stop is not None and early_stop(valid[MAIN_METRIC])
-        state = training_state(epoch, step, metrics={"train": train, "valid": valid})
-        checkpointer.process(
-            score={**valid, **{f"train_{k}": v for k, v in train.items()}}, epoch=epoch, checkpoint=state
-        )
-        if should_stop:
-            logger.info(f"Early stop: no gain in valid {MAIN_METRIC} for {early_stop.num_bad_calls} epochs")
-            break
-    tensorboard.close()
+    for stage in args.stages:
+        manager = train_stage(stage, model, train_loader, valid_loader, args, logger, stop)
 
     # ------------------------------------------------------------------------- summary
-    if (best := checkpointer.best) is None:
+    if (best := manager.best) is None:
         logger.error("No finite validation score was recorded; nothing to summarise")
         return {}
-    best_model = Net().to(args.device)
-    load_checkpoint(checkpoint_dir / "best.pth", best_model, map_location=args.device, verbose=False)
+    load_checkpoint(manager.logdir / "best.pth", best_model := Net().to(args.device), verbose=False)
     reloaded = valid_fn(best_model, valid_loader, args)
-    logger.info("Summary")
-    logger.info(f"  best epoch          {best['epoch']} of {args.epochs}")
-    logger.info(f"  best valid {MAIN_METRIC:<8} {best[MAIN_METRIC]:.4f} "
-                f"(best.pth re-evaluated: {reloaded[MAIN_METRIC]:.4f})")  # fmt: skip
-    kept = ", ".join(sorted(path.name for path in checkpoint_dir.iterdir()))
-    logger.info(f"  checkpoints         {checkpoint_dir}/ ({kept})")
-    logger.info(f"  log and curves      {args.logdir / 'train.log'}, tensorboard --logdir {args.logdir}/tensorboard")
-    logger.info(f"  elapsed             {time.perf_counter() - started:.1f} s")
+    logger.info(f"Summary: best valid {MAIN_METRIC} {best[MAIN_METRIC]:.4f} at epoch {best['epoch']} of {args.epochs} "
+                f"(best.pth re-evaluated: {reloaded[MAIN_METRIC]:.4f}), {time.perf_counter() - started:.1f} s; "
+                f"checkpoints in {manager.logdir}/")  # fmt: skip
+    logger.info(f"Curves: tensorboard --logdir {args.logdir / 'tensorboard'} (after pip install tensorboard)")
     return {"best_epoch": best["epoch"], f"best_{MAIN_METRIC}": best[MAIN_METRIC], "reloaded": reloaded}
 
 
