@@ -167,8 +167,6 @@ def test_a_dict_checkpoint_after_the_newest_epoch_is_skipped_with_a_warning(tmp_
     state, manager = make_state(), CheckpointManager(tmp_path)
     manager.process(1.0, 1, make_training_state(state["model"], epoch=1))
     manager.save(make_training_state(state["model"], epoch=2))  # the epoch it is in, not the last finished one
-    with pytest.warns(
-        UserWarning, match=r"step.pth.: it records epoch 2, after the newest recorded epoch 1"
-    ):
+    with pytest.warns(UserWarning, match=r"step.pth.: it records epoch 2, after the newest recorded epoch 1"):
         path, _ = find_resume_checkpoint(manager)
     assert path == tmp_path / "last.pth"
