@@ -20,7 +20,7 @@ from batteries.checkpoint import load_checkpoint
 from batteries.resume import COMPONENTS, find_resume_checkpoint, make_training_state, restore_training_state
 
 # the keys the manager sets in a checkpoint of a state: a state must not hold them
-RESERVED = ("epoch", "step", "stage", "rng_states", "lineage", "metrics")
+RESERVED = ("epoch", "step", "stage", "rng_states", "lineage", "metrics", "unit")
 
 
 def is_state(checkpoint: Any) -> bool:
@@ -59,7 +59,9 @@ def capture(state: Mapping[str, Any], unit: str, position: int, lineage: str, sh
     others = {f"{key}_state_dict": value.state_dict() for key, value in stateful.items() if key not in COMPONENTS}
     at = {"epoch": position, "step": 0} if unit == "epoch" else {"epoch": 0, "step": position}
     model = components.pop("model")
-    return make_training_state(model, **at, sharded=sharded, lineage=lineage, **components, **others, **plain)
+    return make_training_state(
+        model, **at, sharded=sharded, lineage=lineage, unit=unit, **components, **others, **plain
+    )
 
 
 def prepare(checkpoint: Any, unit: str, position: int, sharded: bool) -> tuple[dict[str, Any], str | None]:
@@ -88,10 +90,12 @@ def prepare(checkpoint: Any, unit: str, position: int, sharded: bool) -> tuple[d
 
 def between(manager: Any, state: Mapping[str, Any], step: int | None) -> dict[str, Any]:
     """What ``manager.save(state)`` saves: ``state`` after the newest record (in flight included), with its token."""
-    in_flight = manager._store.in_flight
+    in_flight, resumed = manager._store.in_flight, manager._resumed  # resumed: (position, token) or None
     newest = max(-1 if manager.newest is None else manager.newest, -1 if in_flight is None else in_flight)
-    position = newest if step is None and manager.unit == "epoch" else manager._position(None, step)[0]
     token = manager._lineage.get(str(newest), "")
+    if resumed is not None and resumed[0] > newest:  # resumed past this folder's history (a warm start)
+        newest, token = resumed[0], resumed[1] or token
+    position = newest if step is None and manager.unit == "epoch" else manager._position(None, step)[0]
     return capture(state, manager.unit, max(position, 0), token, manager.sharded)
 
 
@@ -122,10 +126,12 @@ def restore(state: dict[str, Any], checkpoint: Mapping[str, Any] | Path, **load:
 def resume(manager: Any, state: dict[str, Any], source: str | os.PathLike | None, **load: Any) -> int:
     """:meth:`CheckpointManager.resume`: see there."""
     unit, newest = manager.unit, manager.newest
+    step_name = f"step{manager._store.suffix}"
     if source is None:
-        if newest is not None:
+        if newest is not None or (manager.logdir / step_name).exists():
             raise ValueError(
-                f"'{manager.logdir}' holds the history of a run up to {unit} {newest} ({manager.metrics_file.name}). "
+                f"'{manager.logdir}' holds the history of a run "
+                f"({f'up to {unit} {newest}' if newest is not None else step_name}). "
                 "Continue it (--resume auto, i.e. manager.resume(state, 'auto')), pass another logdir, or delete "
                 f"'{manager.logdir}' to start over."
             )
@@ -145,14 +151,20 @@ def resume(manager: Any, state: dict[str, Any], source: str | os.PathLike | None
             raise FileNotFoundError(f"resume: checkpoint '{path}' does not exist; pass a checkpoint path or 'auto'")
     if _dcp.is_checkpoint(path):
         checkpoint: Mapping[str, Any] | Path = path  # the shards load in place
-        entries = _dcp.load_entries(path, keys={unit, "lineage"})
+        entries = _dcp.load_entries(path, keys={"epoch", "step", "unit", "lineage"})
     else:
         map_location = load.get("map_location", "cpu")
         checkpoint = entries = loaded or load_checkpoint(path, map_location=map_location, verbose=False)
+    if manager._unit is None and entries.get("unit") in ("epoch", "step"):
+        unit = manager._unit = entries["unit"]  # no history here yet: the checkpoint says what the run counts
     position = entries.get(unit)
     if type(position) is not int or position < 0:
         raise ValueError(f"'{path}' records no {unit} (an int >= 0): it was not saved by a manager counting {unit}s")
     manager._ready_to_rewind(position)  # before anything is restored: a rewind that would fail fails now
     restore(state, checkpoint, **load)
     manager.rewind(position, lineage=entries.get("lineage"))
+    manager._resumed = (position, entries.get("lineage") or "")
+    stale = manager.logdir / step_name
+    if source != "auto" and distributed.is_main_process() and stale.exists() and stale.resolve() != path.resolve():
+        manager._store.remove([stale])  # a branch: the mid-run checkpoint of the abandoned run goes, as rewind's files
     return position

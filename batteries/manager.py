@@ -84,6 +84,7 @@ class CheckpointManager:
         self._recorded_n_best: int | None = None
         self._extra: dict[str, Any] = {}  # other keys of metrics_file, kept as they are
         self._lineage: dict[str, str] = {}  # position -> token of its record: which history a checkpoint continues
+        self._resumed: tuple[int, str] | None = None  # (position, token) of the last resume
         numbered = sorted(p.name for unit in _history.UNITS for p in self._numbered_files(unit))  # then the history,
         _history.check_numbered(self.metrics_file, self._load_history(), self.values, numbered)  # newer than them
 

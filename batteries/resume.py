@@ -285,7 +285,7 @@ def find_resume_checkpoint(
     for name in names:
         path = Path(manager.logdir) / check_file_name(name, "names")
         if sharded and _dcp.is_checkpoint(path):
-            checkpoint = _dcp.load_entries(path, keys={"epoch", "step", "lineage", "rng_states"})
+            checkpoint = _dcp.load_entries(path, keys={"epoch", "step", "unit", "lineage", "rng_states"})
         elif not sharded and path.is_file():
             checkpoint = load_checkpoint(path, verbose=False)
         else:
@@ -308,7 +308,11 @@ def find_resume_checkpoint(
 def _continues(manager: Any, checkpoint: Mapping[str, Any], path: Path) -> bool:
     """Whether ``checkpoint`` continues ``manager``'s history (see :func:`find_resume_checkpoint`)."""
     unit = getattr(manager, "unit", "epoch")
+    if getattr(manager, "_unit", "epoch") is None and checkpoint.get("unit") in ("epoch", "step"):
+        unit = checkpoint["unit"]  # no history yet: the checkpoint says what the run counts
     newest = max((record[unit] for record in manager.values), default=None)
+    if newest is None:
+        return True  # nothing recorded here: any checkpoint of this folder continues it (a warm start's too)
     tokens = getattr(manager, "_lineage", {})
     expected, token = tokens.get(str(newest)), checkpoint.get("lineage")
     if expected and token:

@@ -44,7 +44,7 @@ def test_a_fresh_start_over_a_history_is_refused_at_once_and_auto_starts_fresh_i
     manager.process(1.0, 1, state)
     manager.process(0.5, 2, state)
     again = CheckpointManager(tmp_path)
-    with pytest.raises(ValueError, match=r"holds the history of a run up to epoch 2.*--resume auto.*another logdir"):
+    with pytest.raises(ValueError, match=r"history of a run \(up to epoch 2\).*--resume auto.*another logdir"):
         again.resume(make_state(), None)
 
 
@@ -73,26 +73,68 @@ def test_resume_restores_objects_plain_values_and_rng_and_continues_bitwise(tmp_
     assert {"model_state_dict", "optimizer_state_dict", "rng_states", "seen", "lineage"} <= set(saved)
 
 
-def test_auto_after_a_branch_takes_the_branch_and_names_the_abandoned_step_checkpoint(tmp_path):
-    """Epochs 1-3 and a step.pth in epoch 3 (after epoch 2); a branch from exp_1.pth trains its own
-    epoch 2: --resume auto must take the branch's last.pth, not the abandoned run's step.pth, although
-    both follow "epoch 2"."""
+def run_with_a_step_checkpoint_in_epoch_3(tmp_path):
+    """Epochs 1-2 recorded and a step.pth in epoch 3 (after epoch 2)."""
     state, manager = make_state(), CheckpointManager(tmp_path, save_n_best=3)
     manager.process(3.0, 1, state)
     train(state)
     manager.process(2.0, 2, state)
     train(state, 1)
-    manager.save(state)  # step.pth: epoch 3 of the first run, after its epoch 2
+    manager.save(state)
+
+
+@pytest.mark.parametrize("kill_before_a_save", [True, False])
+def test_a_branch_from_a_path_never_continues_the_abandoned_run(tmp_path, kill_before_a_save):
+    """A branch from exp_1.pth: its own epoch 2 and step.pth are what --resume auto takes, never the abandoned
+    run's step.pth, although it too follows "epoch 2" (the branch removes it, as the rewind its later files)."""
+    run_with_a_step_checkpoint_in_epoch_3(tmp_path)
     branch, manager = make_state(seed=5), CheckpointManager(tmp_path, save_n_best=3)
     assert manager.resume(branch, tmp_path / "exp_1.pth") == 1
-    assert [r["epoch"] for r in manager.values] == [1]
-    train(branch, 3)
-    manager.process(2.5, 2, branch)
-    expected = weights(branch)
-    again, manager = make_state(seed=9), CheckpointManager(tmp_path, save_n_best=3)
-    with pytest.warns(UserWarning, match=r"skipped '.*step.pth': it continues another history"):
-        assert manager.resume(again, "auto") == 2
+    assert [r["epoch"] for r in manager.values] == [1] and not (tmp_path / "step.pth").exists()
+    if kill_before_a_save:  # killed before the branch saved anything: auto continues from exp_1
+        expected, position = weights(branch), 1
+    else:
+        train(branch, 3)
+        manager.process(2.5, 2, branch)
+        expected, position = weights(branch), 2
+    again = make_state(seed=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert CheckpointManager(tmp_path, save_n_best=3).resume(again, "auto") == position
     assert all(torch.equal(a, b) for a, b in zip(expected, weights(again)))
+
+
+def test_auto_names_a_step_checkpoint_of_another_history(tmp_path):
+    """A history rewound by hand (rewind keeps step.pth) goes on with a new epoch 2: the old step.pth also
+    follows "epoch 2", but of another history: skipped, with a warning naming it."""
+    run_with_a_step_checkpoint_in_epoch_3(tmp_path)
+    manager, state = CheckpointManager(tmp_path, save_n_best=3), make_state(seed=5)
+    manager.rewind(1)
+    manager.process(2.5, 2, state)
+    with pytest.warns(UserWarning, match=r"skipped '.*step.pth': it continues another history"):
+        assert CheckpointManager(tmp_path, save_n_best=3).resume(make_state(seed=9), "auto") == 2
+
+
+def test_a_warm_start_from_another_folder_keeps_its_position_after_a_kill(tmp_path):
+    """Resumed from another run's checkpoint into an empty folder, then killed after a step.pth: --resume auto
+    continues at the warm start's epoch, not at 0."""
+    source = CheckpointManager(tmp_path / "a")
+    state = make_state()
+    source.process(1.0, 1, state)
+    source.process(0.5, 2, state)
+    manager = CheckpointManager(tmp_path / "b")
+    assert manager.resume(make_state(seed=1), tmp_path / "a" / "last.pth") == 2
+    manager.save(state)
+    assert CheckpointManager(tmp_path / "b").resume(make_state(seed=2), "auto") == 2
+
+
+def test_a_step_checkpoint_before_any_record_resumes_at_its_step(tmp_path):
+    """The README's preemption loop: save(state, step=N) before any process(): a new process resumes at N."""
+    state = make_state()
+    CheckpointManager(tmp_path).save(state, step=501)
+    with pytest.raises(ValueError, match=r"holds the history of a run \(step.pth\)"):
+        CheckpointManager(tmp_path).resume(make_state(), None)
+    assert CheckpointManager(tmp_path).resume(make_state(), "auto") == 501
 
 
 def test_an_older_step_checkpoint_of_this_history_is_passed_over_quietly(tmp_path):
