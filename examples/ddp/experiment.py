@@ -1,18 +1,14 @@
 """Train a small CNN on scikit-learn's handwritten digits with DistributedDataParallel.
 
 The device example's loop, data parallel over processes: NCCL with one GPU per process when CUDA is available, gloo
-on the CPU otherwise. Only global rank 0 writes files (nodes may share a disk); ``--batch-size`` is per process;
-validation gives every sample to exactly one rank, so its metrics are exactly the single-process ones. Every
-launcher works unchanged (``--resume auto`` continues a stopped run):
+on the CPU otherwise. Only global rank 0 writes the device example's files; ``--batch-size`` is per process; each
+validation sample goes to exactly one rank, so the metrics equal the single-process ones. Every launcher works:
 
     torchrun --nproc_per_node=2 examples/ddp/experiment.py
     python -m torch.distributed.launch --nproc_per_node=2 examples/ddp/experiment.py
     python examples/ddp/experiment.py                             # one process, no launcher
     torchrun --nnodes=2 --nproc_per_node=1 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 --rdzv-id=job \
         examples/ddp/experiment.py                                # on each node
-
-Writes ``checkpoints/`` (the N best exp_<epoch>.pth, best.pth, last.pth, step.pth, metrics.json), ``tensorboard/``
-and ``train.log`` to ``--logdir``.
 """
 
 import argparse
@@ -52,13 +48,6 @@ OUTPUTS = ("checkpoints", "tensorboard", "train.log")
 
 
 # ----------------------------------------------------------------------------- arguments
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, from rank 0 only, and exit code 2 on every rank
-        if os.environ.get("RANK", "0") == "0":
-            sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
 def bounded(kind: type, low: float, high: float = math.inf, above: bool = False):
     def parse(text: str):  # an argparse type: kind(text) in [low, high], low excluded if above
         if not low <= (value := kind(text)) <= high or (above and value == low):
@@ -70,10 +59,11 @@ def bounded(kind: type, low: float, high: float = math.inf, above: bool = False)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    rank0 = os.environ.get("RANK", "0") == "0"  # a bad flag: one line from rank 0, no usage dump, exit 2 everywhere
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n" if rank0 else None)
     add = parser.add_argument
-    add("--device", default=default_device, help=f"device (default {default_device})")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     add("--epochs", type=bounded(int, 1), default=20, help="total epochs; a resumed run continues up to it")
     add("--batch-size", type=bounded(int, 1), default=64, help="batch size per process")
     add("--lr", type=bounded(float, 0, above=True), default=3e-3, help="peak AdamW learning rate, cosine to 0")
@@ -86,10 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--clip-grad-norm", type=bounded(float, 0, above=True), default=None, help="clip the gradient norm")
     add("--patience", type=bounded(int, 0), default=None, help="epochs in a row without gain tolerated, then stop")
     add("--save-every-steps", type=bounded(int, 1), default=None, help="save step.pth every N optimizer steps")
-    add("--resume", default=None, metavar="PATH|auto", help="checkpoint to continue; auto: the newest")
-    add("-f", "--force", action="store_true", help="start over in an existing logdir")
-    # torch.distributed.launch passes --local-rank=N (older versions --local_rank=N); torchrun sets LOCAL_RANK
-    add("--local-rank", "--local_rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    once = parser.add_mutually_exclusive_group()  # continue a run, or start it over
+    once.add_argument("--resume", default=None, metavar="PATH|auto", help="checkpoint to continue; auto: the newest")
+    once.add_argument("-f", "--force", action="store_true", help="start over in an existing logdir")
+    add("--local-rank", "--local_rank", type=int, help=argparse.SUPPRESS)  # from torch.distributed.launch
     args = parser.parse_args(argv)
     try:
         args.device = torch.device(args.device)
@@ -97,22 +87,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--device: unknown device {args.device!r}; expected e.g. 'cpu', 'cuda', 'cuda:1'")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device: {str(args.device)!r} requested but CUDA is not available; use --device cpu")
-    if args.logdir.exists() and not args.logdir.is_dir():
+    if args.logdir.is_file():
         parser.error(f"--logdir: '{args.logdir}' is a file; pass a folder")
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         parser.error(f"--resume: checkpoint {args.resume!r} does not exist; pass a .pth file or 'auto'")
-    if args.resume and args.force:
-        parser.error("--resume and -f/--force exclude each other: continue a run or start it over")
-    if (existing := [name for name in OUTPUTS if (args.logdir / name).exists()]) and not (args.force or args.resume):
-        parser.error(f"--logdir: '{args.logdir}' already holds a run ({', '.join(existing)}); "
-                     "pass --resume auto to continue it or -f/--force to start over")  # fmt: skip
+    if not (args.force or args.resume) and any((args.logdir / name).exists() for name in OUTPUTS):
+        parser.error(f"--logdir: '{args.logdir}' holds a run: --resume auto continues it, -f/--force starts over")
     return args
 
 
 # ----------------------------------------------------------------------------- data and model
 def get_datasets() -> tuple[Dataset, Dataset]:
-    """The one place to swap in your own data: ``(train_dataset, valid_dataset)``. Here scikit-learn's
-    bundled digits (1,797 8x8 images in [0, 1], 10 classes, no download), split 80 / 20 by class."""
+    """Your data goes here. Here scikit-learn's 1,797 8x8 digits in [0, 1] (no download), split 80 / 20 by class."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -188,8 +174,7 @@ def train_fn(state: dict, meters: dict, args: argparse.Namespace, stop: StopOnSi
 
 @torch.no_grad()
 def valid_fn(model, loader, args, all_ranks: bool = True) -> dict[str, float]:
-    """Every metric over the loader, each sample counted once: this rank's share summed over all ranks
-    (a collective), or with ``all_ranks=False`` this process's loader alone."""
+    """Every metric, each sample once: summed over the ranks (a collective), or this loader alone if not all_ranks."""
     model.eval()
     sums, count = {}, 0
     for batch in loader:
@@ -211,8 +196,7 @@ def line(metrics: dict[str, float]) -> str:
 # ----------------------------------------------------------------------------- training
 def fit(model: nn.Module, train_loader, valid_loader, args, logger, stop) -> CheckpointManager:
     """Train up to ``--epochs`` with DDP, resumed where the run stopped (on every rank; only rank 0 writes)."""
-    device_ids = [args.device] if args.device.type == "cuda" else None
-    ddp_model = DDP(model, device_ids=device_ids) if distributed.is_initialized() else model
+    ddp_model = DDP(model) if distributed.is_initialized() else model  # on the model's device: CPU or this rank's GPU
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp_dtype == torch.float16)
     early_stop = EarlyStopIndicator(args.patience, MINIMIZE_METRIC) if args.patience is not None else None
@@ -220,15 +204,10 @@ def fit(model: nn.Module, train_loader, valid_loader, args, logger, stop) -> Che
                                 save_n_best=args.save_n_best)  # fmt: skip  # on every rank; rank 0 writes
     state = {"model": ddp_model, "optimizer": optimizer, "scaler": scaler, "early_stop": early_stop,
              "loader": train_loader, "steps": 0, "meters": []}  # fmt: skip  # what a checkpoint holds
-    try:  # every rank restores its own RNG states and loader position
-        start = manager.resume(state, args.resume)  # the last finished epoch, 0 for a fresh start
-    except (ValueError, RuntimeError) as error:  # nothing continues the history, or a state that does not fit
-        sys.exit(f"--resume: {error}")
+    start = manager.resume(state, args.resume)  # every rank: its RNG states, its loader position; 0 if fresh
     meters = defaultdict(AverageMeter)  # this rank's train metrics of the running epoch, by name
-    for name, meter_state in (
-        state["meters"][distributed.get_rank()] if train_loader.batches_done else {}
-    ).items():  # mid-epoch
-        meters[name].load_state_dict(meter_state)  # (at an epoch's end, any number of ranks: nothing to restore)
+    for name, meter_state in (state["meters"][distributed.get_rank()] if train_loader.batches_done else {}).items():
+        meters[name].load_state_dict(meter_state)  # mid-epoch (at an epoch's end, any number of ranks: nothing)
     stopped_early = early_stop is not None and early_stop.num_bad_calls > early_stop.patience
     if start or state["steps"]:
         where = "it had stopped early: nothing to continue" if stopped_early else \
@@ -270,8 +249,6 @@ def fit(model: nn.Module, train_loader, valid_loader, args, logger, stop) -> Che
 def main(argv=None) -> dict:
     args = parse_args(argv)  # every rank checks the flags before any rank writes
     started = time.perf_counter()
-    if args.local_rank is not None:  # torch.distributed.launch without --use-env
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     backend = "nccl" if args.device.type == "cuda" else "gloo"
     if "WORLD_SIZE" in os.environ:  # a launcher started this process
         args.device = distributed.init_distributed(backend=backend)
@@ -294,15 +271,13 @@ def main(argv=None) -> dict:
     valid_loader = make_loader(valid_dataset, args.batch_size, sampler=valid_sampler, num_workers=args.num_workers)
     logger.info(f"Data: {len(train_dataset)} train / {len(valid_dataset)} valid samples, {world_size} process(es)")
     args.amp_dtype = (torch.float16 if args.device.type == "cuda" else torch.bfloat16) if args.amp else None
-    model = Net()
+    model = Net().to(args.device)
     if world_size > 1 and args.device.type == "cuda":  # on the CPU each rank normalises with its own statistics
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(args.device)
     seed_all(args.seed + rank)  # distinct dropout and augmentation streams per rank, as in nanoGPT
     manager = fit(model, train_loader, valid_loader, args, logger, stop)
     stop.close()
 
-    # ------------------------------------------------------------------------- summary
     summary, best = {}, manager.best
     if rank == 0 and best is None and not stop.stopped:
         logger.error("No finite validation score was recorded; nothing to summarise")

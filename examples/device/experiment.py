@@ -1,11 +1,10 @@
 """Train a small CNN on scikit-learn's handwritten digits, on one device (CPU by default). For your own model, copy
-this file and change ``get_datasets``, ``Net``, ``compute_metrics`` and ``MAIN_METRIC`` / ``MINIMIZE_METRIC``.
+this file and change ``get_datasets``, ``Net``, ``compute_metrics`` and ``MAIN_METRIC`` / ``MINIMIZE_METRIC``. Writes
+``checkpoints/`` (the N best exp_<epoch>.pth, best.pth, last.pth, step.pth, metrics.json), ``tensorboard/`` and
+``train.log`` to ``--logdir``; with several stages, checkpoints/<stage>/ and tensorboard/<stage>/.
 
     python examples/device/experiment.py                    # train; --resume auto continues a stopped run
     python examples/device/experiment.py --stages head all  # the head alone, then every layer at --lr / 10
-
-Writes ``checkpoints/`` (the N best exp_<epoch>.pth, best.pth, last.pth, step.pth, metrics.json), ``tensorboard/``
-and ``train.log`` to ``--logdir``; with several stages, checkpoints/<stage>/ and tensorboard/<stage>/.
 """
 
 import argparse
@@ -41,11 +40,6 @@ STAGES = {"head": lambda model: model.head, "all": lambda model: model}  # what 
 
 
 # ----------------------------------------------------------------------------- arguments
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit code 2, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def bounded(kind: type, low: float, high: float = math.inf, above: bool = False):
     def parse(text: str):  # an argparse type: kind(text) in [low, high], low excluded if above
         if not low <= (value := kind(text)) <= high or (above and value == low):
@@ -57,10 +51,10 @@ def bounded(kind: type, low: float, high: float = math.inf, above: bool = False)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")  # one line, no usage dump
     add = parser.add_argument
-    add("--device", default=default_device, help=f"device (default {default_device})")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     add("--epochs", type=bounded(int, 1), default=20, help="total epochs (of each stage); a resume continues up to it")
     add("--batch-size", type=bounded(int, 1), default=64)
     add("--lr", type=bounded(float, 0, above=True), default=3e-3, help="peak AdamW learning rate, cosine to 0")
@@ -74,8 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--clip-grad-norm", type=bounded(float, 0, above=True), default=None, help="clip the gradient norm")
     add("--patience", type=bounded(int, 0), default=None, help="epochs in a row without gain tolerated, then stop")
     add("--save-every-steps", type=bounded(int, 1), default=None, help="save step.pth every N optimizer steps")
-    add("--resume", default=None, metavar="PATH|auto", help="checkpoint to continue; auto: the newest")
-    add("-f", "--force", action="store_true", help="start over in an existing logdir")
+    once = parser.add_mutually_exclusive_group()  # continue a run, or start it over
+    once.add_argument("--resume", default=None, metavar="PATH|auto", help="checkpoint to continue; auto: the newest")
+    once.add_argument("-f", "--force", action="store_true", help="start over in an existing logdir")
     args = parser.parse_args(argv)
     try:
         args.device = torch.device(args.device)
@@ -83,26 +78,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--device: unknown device {args.device!r}; expected e.g. 'cpu', 'cuda', 'cuda:1'")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device: {str(args.device)!r} requested but CUDA is not available; use --device cpu")
-    if args.logdir.exists() and not args.logdir.is_dir():
+    if args.logdir.is_file():
         parser.error(f"--logdir: '{args.logdir}' is a file; pass a folder")
+    if not (args.force or args.resume) and any((args.logdir / name).exists() for name in OUTPUTS):
+        parser.error(f"--logdir: '{args.logdir}' holds a run: --resume auto continues it, -f/--force starts over")
     path = None if args.resume in (None, "auto") else Path(args.resume)
     if path and not (path.is_file() and (len(args.stages) == 1 or path.parent.name in args.stages)):
         parser.error(f"--resume: {args.resume!r} is not a checkpoint file (of a stage's folder); or pass 'auto'")
-    later = args.stages[args.stages.index(path.parent.name) + 1 :] if path and len(args.stages) > 1 else []
-    if trained := [stage for stage in later if (args.logdir / "checkpoints" / stage).exists()]:  # they start anew
+    # --resume PATH continues the stage of its folder: the stages before it continue too, those after it start anew
+    own = args.stages.index(path.parent.name) if path and len(args.stages) > 1 else len(args.stages) - 1
+    if trained := [stage for stage in args.stages[own + 1 :] if (args.logdir / "checkpoints" / stage).exists()]:
         parser.error(f"--resume: the later stages {trained} have checkpoints; delete their folders to train them anew")
-    if args.resume and args.force:
-        parser.error("--resume and -f/--force exclude each other: continue a run or start it over")
-    if (existing := [name for name in OUTPUTS if (args.logdir / name).exists()]) and not (args.force or args.resume):
-        parser.error(f"--logdir: '{args.logdir}' already holds a run ({', '.join(existing)}); "
-                     "pass --resume auto to continue it or -f/--force to start over")  # fmt: skip
+    args.sources = ["auto"] * own + [args.resume] + [None] * (len(args.stages) - own - 1)
+    args.amp_dtype = (torch.float16 if args.device.type == "cuda" else torch.bfloat16) if args.amp else None
     return args
 
 
 # ----------------------------------------------------------------------------- data and model
 def get_datasets() -> tuple[Dataset, Dataset]:
-    """The one place to swap in your own data: ``(train_dataset, valid_dataset)``. Here scikit-learn's
-    bundled digits (1,797 8x8 images in [0, 1], 10 classes, no download), split 80 / 20 by class."""
+    """Your data goes here. Here scikit-learn's 1,797 8x8 digits in [0, 1] (no download), split 80 / 20 by class."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -194,35 +188,29 @@ def line(metrics: dict[str, float]) -> str:
 
 
 # ----------------------------------------------------------------------------- a stage
-def train_stage(stage: str, model: nn.Module, train_loader, valid_loader, args, logger, stop) -> CheckpointManager:
-    """Train ``stage`` up to ``--epochs`` in its own folders, from the previous stage's best weights."""
-    index, sub = args.stages.index(stage), [stage] if len(args.stages) > 1 else []  # a folder per stage if several
+def train_stage(index: int, model: nn.Module, train_loader, valid_loader, args, logger, stop) -> CheckpointManager:
+    """Train stage ``index`` up to ``--epochs`` in its own folders, from the previous stage's best weights."""
+    stage, source = args.stages[index], args.sources[index]
+    sub = stage if len(args.stages) > 1 else ""  # a folder per stage if several
     if index > 0:
         load_checkpoint(args.logdir / "checkpoints" / args.stages[index - 1] / "best.pth", model, verbose=False)
     trained = STAGES[stage](model.requires_grad_(False)).requires_grad_(True)
     optimizer = torch.optim.AdamW(trained.parameters(), lr=args.lr / 10**index, weight_decay=1e-4)
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp_dtype == torch.float16)
     early_stop = EarlyStopIndicator(args.patience, MINIMIZE_METRIC) if args.patience is not None else None
-    manager = CheckpointManager(args.logdir.joinpath("checkpoints", *sub), metric=MAIN_METRIC,
+    manager = CheckpointManager(args.logdir / "checkpoints" / sub, metric=MAIN_METRIC,
                                 metric_minimization=MINIMIZE_METRIC, save_n_best=args.save_n_best)  # fmt: skip
     state = {"model": model, "optimizer": optimizer, "scaler": scaler, "early_stop": early_stop,
              "loader": train_loader, "steps": 0, "meters": {}}  # fmt: skip  # what a checkpoint holds
-    # --resume PATH resumes the stage of its folder: the stages before it continue, those after it start anew
-    path = len(args.stages) > 1 and args.resume not in (None, "auto")
-    own = args.stages.index(Path(args.resume).parent.name) if path else index
-    source = args.resume if index == own else "auto" if index < own else None
-    try:
-        start = manager.resume(state, source)  # restored in place; the last finished epoch, 0 for a fresh start
-    except (ValueError, RuntimeError) as error:  # nothing continues the history, or a state that does not fit
-        sys.exit(f"--resume: {error}")
+    start = manager.resume(state, source)  # restored in place; the last finished epoch, 0 for a fresh start
     meters = defaultdict(AverageMeter)  # the running epoch's train metrics, by name
     for name, meter_state in (state["meters"] if train_loader.batches_done else {}).items():  # mid-epoch
         meters[name].load_state_dict(meter_state)
     if start or state["steps"]:
         stopped_early = early_stop is not None and early_stop.num_bad_calls > early_stop.patience
         done = "it had stopped early" if stopped_early else "its epochs are done" if start >= args.epochs else ""
-        where = (f"{done}: nothing to continue" if done else
-                 f"continuing at epoch {start + 1}, batch {train_loader.batches_done + 1}")  # fmt: skip
+        batch = train_loader.batches_done + 1
+        where = f"{done}: nothing to continue" if done else f"continuing at epoch {start + 1}, batch {batch}"
         logger.info(f"Resumed from '{source if source != 'auto' else manager.logdir}' (epoch {start} finished); "
                     f"{where}")  # fmt: skip
         if done:
@@ -232,7 +220,7 @@ def train_stage(stage: str, model: nn.Module, train_loader, valid_loader, args, 
         state["meters"] = {name: meter.state_dict() for name, meter in meters.items()}
         manager.save(state)
 
-    tensorboard = TensorboardLogger(args.logdir.joinpath("tensorboard", *sub), purge_step=start + 1 if start else None)
+    tensorboard = TensorboardLogger(args.logdir / "tensorboard" / sub, purge_step=start + 1 if start else None)
     for epoch in range(start + 1, args.epochs + 1):
         train_loader.set_epoch(epoch)  # the epoch's shuffle (an interrupted epoch keeps its position)
         train_fn(state, meters, args, stop, save)
@@ -242,8 +230,7 @@ def train_stage(stage: str, model: nn.Module, train_loader, valid_loader, args, 
                         "continue with --resume auto")  # fmt: skip
             sys.exit(stop.exit_code)
         train, valid = {name: meter.average for name, meter in meters.items()}, valid_fn(model, valid_loader, args)
-        logger.info(f"{stage} " * (len(args.stages) > 1) + f"epoch {epoch}/{args.epochs}: train {line(train)} | "
-                    f"valid {line(valid)}")  # fmt: skip
+        logger.info(f"{stage} " * bool(sub) + f"epoch {epoch}/{args.epochs}: train {line(train)} | valid {line(valid)}")
         for tag, value in {"train": train, "valid": valid, "lr": optimizer.param_groups[0]["lr"]}.items():
             tensorboard.add_metric(tag, value, epoch)  # curves: train/loss, valid/accuracy, lr, ...
         should_stop = early_stop is not None and early_stop(valid[MAIN_METRIC])
@@ -274,12 +261,10 @@ def main(argv=None) -> dict:
                                seed=args.seed)  # fmt: skip  # a new order every epoch; counts its batches for resumes
     valid_loader = make_loader(valid_dataset, args.batch_size, num_workers=args.num_workers)
     logger.info(f"Data: {len(train_dataset)} train / {len(valid_dataset)} valid samples")
-    args.amp_dtype = (torch.float16 if args.device.type == "cuda" else torch.bfloat16) if args.amp else None
     model = Net().to(args.device)
-    for stage in args.stages:
-        manager = train_stage(stage, model, train_loader, valid_loader, args, logger, stop)
+    for index in range(len(args.stages)):
+        manager = train_stage(index, model, train_loader, valid_loader, args, logger, stop)
 
-    # ------------------------------------------------------------------------- summary
     if (best := manager.best) is None:
         logger.error("No finite validation score was recorded; nothing to summarise")
         return {}

@@ -1,17 +1,15 @@
 """Train a small CNN on scikit-learn's handwritten digits with FSDP2 (``fully_shard``) and sharded checkpoints.
 
-The ddp example's loop with the model's parameters, gradients and optimizer state split over the processes: NCCL
-with one GPU per process when CUDA is available, gloo on the CPU otherwise. Each checkpoint is a
-``torch.distributed.checkpoint`` folder in which every rank writes its own shards (the model is never gathered); a
-resume with another number of processes reshards it. Only global rank 0 writes the other files; the logdir must be
-on a disk every rank can reach. ``--batch-size`` is per process; validation gives every sample to exactly one rank.
-Every launcher works unchanged (``--resume auto`` continues a stopped run):
+The ddp example's loop with the model's parameters, gradients and optimizer state split over the processes: NCCL with
+one GPU per process when CUDA is available, gloo on the CPU otherwise. Each checkpoint is a
+``torch.distributed.checkpoint`` folder (``checkpoints/``: the N best exp_<epoch>/, the links best, last and step) in
+which every rank writes its own shards; a resume with another number of processes reshards it. Only global rank 0
+writes the other files (metrics.json, ``tensorboard/``, ``train.log``); the logdir must be on a disk every rank can
+reach. ``--batch-size`` is per process; validation gives every sample to exactly one rank. Every launcher works
+unchanged (``--resume auto`` continues a stopped run):
 
     torchrun --nproc_per_node=2 examples/fsdp/experiment.py
     python examples/fsdp/experiment.py                            # one process, no launcher: nothing to shard
-
-Writes ``checkpoints/`` (the N best exp_<epoch>/ folders, the links best, last and step, metrics.json),
-``tensorboard/`` and ``train.log`` to ``--logdir``.
 """
 
 import argparse
@@ -51,13 +49,6 @@ OUTPUTS = ("checkpoints", "tensorboard", "train.log")
 
 
 # ----------------------------------------------------------------------------- arguments
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, from rank 0 only, and exit code 2 on every rank
-        if os.environ.get("RANK", "0") == "0":
-            sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
 def bounded(kind: type, low: float, high: float = math.inf, above: bool = False):
     def parse(text: str):  # an argparse type: kind(text) in [low, high], low excluded if above
         if not low <= (value := kind(text)) <= high or (above and value == low):
@@ -69,10 +60,11 @@ def bounded(kind: type, low: float, high: float = math.inf, above: bool = False)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    rank0 = os.environ.get("RANK", "0") == "0"  # a bad flag: one line from rank 0, no usage dump, exit 2 everywhere
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n" if rank0 else None)
     add = parser.add_argument
-    add("--device", default=default_device, help=f"device (default {default_device})")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     add("--epochs", type=bounded(int, 1), default=20, help="total epochs; a resumed run continues up to it")
     add("--batch-size", type=bounded(int, 1), default=64, help="batch size per process")
     add("--lr", type=bounded(float, 0, above=True), default=3e-3, help="peak AdamW learning rate, cosine to 0")
@@ -85,10 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--clip-grad-norm", type=bounded(float, 0, above=True), default=None, help="clip the gradient norm")
     add("--patience", type=bounded(int, 0), default=None, help="epochs in a row without gain tolerated, then stop")
     add("--save-every-steps", type=bounded(int, 1), default=None, help="save step.pth every N optimizer steps")
-    add("--resume", default=None, metavar="PATH|auto", help="checkpoint folder to continue; auto: the newest")
-    add("-f", "--force", action="store_true", help="start over in an existing logdir")
-    # torch.distributed.launch passes --local-rank=N (older versions --local_rank=N); torchrun sets LOCAL_RANK
-    add("--local-rank", "--local_rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    once = parser.add_mutually_exclusive_group()  # continue a run, or start it over
+    once.add_argument(
+        "--resume", default=None, metavar="PATH|auto", help="checkpoint folder to continue; auto: the newest"
+    )
+    once.add_argument("-f", "--force", action="store_true", help="start over in an existing logdir")
+    add("--local-rank", "--local_rank", type=int, help=argparse.SUPPRESS)  # from torch.distributed.launch
     args = parser.parse_args(argv)
     try:
         args.device = torch.device(args.device)
@@ -96,22 +90,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--device: unknown device {args.device!r}; expected e.g. 'cpu', 'cuda', 'cuda:1'")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device: {str(args.device)!r} requested but CUDA is not available; use --device cpu")
-    if args.logdir.exists() and not args.logdir.is_dir():
+    if args.logdir.is_file():
         parser.error(f"--logdir: '{args.logdir}' is a file; pass a folder")
     if args.resume not in (None, "auto") and not Path(args.resume).is_dir():
         parser.error(f"--resume: checkpoint {args.resume!r} does not exist; pass a checkpoint folder or 'auto'")
-    if args.resume and args.force:
-        parser.error("--resume and -f/--force exclude each other: continue a run or start it over")
-    if (existing := [name for name in OUTPUTS if (args.logdir / name).exists()]) and not (args.force or args.resume):
-        parser.error(f"--logdir: '{args.logdir}' already holds a run ({', '.join(existing)}); "
-                     "pass --resume auto to continue it or -f/--force to start over")  # fmt: skip
+    if not (args.force or args.resume) and any((args.logdir / name).exists() for name in OUTPUTS):
+        parser.error(f"--logdir: '{args.logdir}' holds a run: --resume auto continues it, -f/--force starts over")
     return args
 
 
 # ----------------------------------------------------------------------------- data and model
 def get_datasets() -> tuple[Dataset, Dataset]:
-    """The one place to swap in your own data: ``(train_dataset, valid_dataset)``. Here scikit-learn's
-    bundled digits (1,797 8x8 images in [0, 1], 10 classes, no download), split 80 / 20 by class."""
+    """Your data goes here. Here scikit-learn's 1,797 8x8 digits in [0, 1] (no download), split 80 / 20 by class."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -144,15 +134,11 @@ class Net(nn.Module):
 
 
 def shard(model: nn.Module) -> nn.Module:
-    """FSDP2: split each block's parameters over the ranks; a block all-gathers them just before it runs.
-
-    Buffers (BatchNorm's running statistics) are not sharded: every rank keeps a whole copy.
-    """
+    """FSDP2: each block's parameters split over the ranks, all-gathered just before it runs; buffers stay whole."""
     if not distributed.is_initialized():  # one process without a launcher: nothing to shard
         return model
-    for block in [*model.features, model.head]:
-        if any(True for _ in block.parameters()):
-            fully_shard(block)
+    for block in [block for block in [*model.features, model.head] if list(block.parameters())]:  # not MaxPool2d
+        fully_shard(block)
     return fully_shard(model)  # the root: the parameters left (none here) and the forward's entry
 
 
@@ -230,22 +216,16 @@ def fit(model: nn.Module, train_loader, valid_loader, args, logger, stop) -> Che
     early_stop = EarlyStopIndicator(args.patience, MINIMIZE_METRIC) if args.patience is not None else None
     manager = CheckpointManager(args.logdir / "checkpoints", metric=MAIN_METRIC, metric_minimization=MINIMIZE_METRIC,
                                 save_n_best=args.save_n_best, sharded=True)  # fmt: skip  # every rank writes its shards
-    world_size = distributed.get_world_size()
     state = {"model": model, "optimizer": optimizer, "scaler": scaler, "early_stop": early_stop,
-             "loader": train_loader, "steps": 0, "meters": [], "world_size": world_size}  # fmt: skip
-    try:  # every rank restores its own RNG states and loader position
-        start = manager.resume(state, args.resume)  # the last finished epoch, 0 for a fresh start
-    except (ValueError, RuntimeError) as error:  # nothing continues the history, or a state that does not fit
-        sys.exit(f"--resume: {error}")
-    if state["world_size"] != world_size:  # each rank's saved random streams belong to the old ranks: new ones
-        seed_all((args.seed + world_size * state["steps"] + distributed.get_rank()) % 2**32)
+             "loader": train_loader, "steps": 0, "meters": [], "world_size": distributed.get_world_size()}  # fmt: skip
+    start = manager.resume(state, args.resume)  # every rank: its RNG states, its loader position; 0 if fresh
+    if state["world_size"] != (world_size := distributed.get_world_size()):  # saved by another number of ranks
+        seed_all((args.seed + world_size * state["steps"] + distributed.get_rank()) % 2**32)  # new random streams
         logger.info(f"Saved by {state['world_size']} processes, {world_size} now: RNG streams reseeded")
         state["world_size"] = world_size
     meters = defaultdict(AverageMeter)  # this rank's train metrics of the running epoch, by name
-    for name, meter_state in (
-        state["meters"][distributed.get_rank()] if train_loader.batches_done else {}
-    ).items():  # mid-epoch
-        meters[name].load_state_dict(meter_state)  # (at an epoch's end, any number of ranks: nothing to restore)
+    for name, meter_state in (state["meters"][distributed.get_rank()] if train_loader.batches_done else {}).items():
+        meters[name].load_state_dict(meter_state)  # mid-epoch (at an epoch's end, any number of ranks: nothing)
     stopped_early = early_stop is not None and early_stop.num_bad_calls > early_stop.patience
     if start or state["steps"]:
         where = "it had stopped early: nothing to continue" if stopped_early else \
@@ -287,8 +267,6 @@ def fit(model: nn.Module, train_loader, valid_loader, args, logger, stop) -> Che
 def main(argv=None) -> dict:
     args = parse_args(argv)  # every rank checks the flags before any rank writes
     started = time.perf_counter()
-    if args.local_rank is not None:  # torch.distributed.launch without --use-env
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     backend = "nccl" if args.device.type == "cuda" else "gloo"
     if "WORLD_SIZE" in os.environ:  # a launcher started this process
         args.device = distributed.init_distributed(backend=backend)
@@ -319,7 +297,6 @@ def main(argv=None) -> dict:
     manager = fit(model, train_loader, valid_loader, args, logger, stop)
     stop.close()
 
-    # ------------------------------------------------------------------------- summary
     summary, best = {}, manager.best
     if best is None and not stop.stopped:
         logger.error("No finite validation score was recorded; nothing to summarise")
