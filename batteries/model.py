@@ -6,10 +6,9 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
-__all__ = ["unwrap_model", "strip_prefixes", "model_state_for"]
+__all__ = ["unwrap_model", "strip_prefixes"]
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -51,26 +50,3 @@ def strip_prefixes(state_dict: Mapping[str, Any], target_keys: set[str]) -> Mapp
         else:
             break
     return state_dict
-
-
-def model_state_for(model: nn.Module, checkpoint: Mapping[str, Any], path: Any) -> Mapping[str, Any]:
-    """The model state dict in ``checkpoint``, with the wrapper prefixes ``model`` does not use removed.
-
-    Args:
-        model: the model to load into, bare or wrapped.
-        checkpoint: a checkpoint dict holding ``model_state_dict``, or a bare state dict (tensors only).
-        path: where the checkpoint came from, for the error message.
-
-    Returns:
-        The state dict to pass to ``unwrap_model(model).load_state_dict``.
-
-    Raises:
-        KeyError: if ``checkpoint`` has no ``model_state_dict`` and is not a bare state dict.
-    """
-    if "model_state_dict" in checkpoint:
-        state_dict = checkpoint["model_state_dict"]
-    elif all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
-        state_dict = checkpoint
-    else:
-        raise KeyError(f"checkpoint {path} has no 'model_state_dict' and is not a bare state dict")
-    return strip_prefixes(state_dict, set(unwrap_model(model).state_dict()))
