@@ -16,7 +16,6 @@ import contextlib
 import copy
 import math
 import os
-import shutil
 import sys
 import time
 from collections import defaultdict
@@ -73,12 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--save-n-best", type=bounded(int, 1), default=3, help="numbered checkpoints to keep")
     add("--accum-steps", type=bounded(int, 1), default=1, help="batches per optimizer step")
     add("--amp", action="store_true", help="mixed precision: bfloat16 on CPU, float16 on CUDA")
-    add("--clip-grad-norm", type=bounded(float, 0, above=True), default=None, help="clip the gradient norm")
     add("--patience", type=bounded(int, 0), default=None, help="epochs in a row without gain tolerated, then stop")
     add("--save-every-steps", type=bounded(int, 1), default=None, help="save step.pth every N optimizer steps")
-    once = parser.add_mutually_exclusive_group()  # continue a run, or start it over
-    once.add_argument("--resume", default=None, metavar="PATH|auto", help="checkpoint to continue; auto: the newest")
-    once.add_argument("-f", "--force", action="store_true", help="start over in an existing logdir")
+    add("--resume", default=None, metavar="PATH|auto", help="checkpoint to continue; auto: the newest")
     add("--local-rank", "--local_rank", type=int, help=argparse.SUPPRESS)  # from torch.distributed.launch
     args = parser.parse_args(argv)
     try:
@@ -91,8 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--logdir: '{args.logdir}' is a file; pass a folder")
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         parser.error(f"--resume: checkpoint {args.resume!r} does not exist; pass a .pth file or 'auto'")
-    if not (args.force or args.resume) and any((args.logdir / name).exists() for name in OUTPUTS):
-        parser.error(f"--logdir: '{args.logdir}' holds a run: --resume auto continues it, -f/--force starts over")
+    if not args.resume and any((args.logdir / name).exists() for name in OUTPUTS):
+        parser.error(f"--logdir: '{args.logdir}' holds a run: --resume auto continues it (or delete it to start over)")
     return args
 
 
@@ -159,9 +155,6 @@ def train_fn(state: dict, meters: dict, args: argparse.Namespace, stop: StopOnSi
         progress = min(state["steps"] / total_steps, 1.0)  # nanoGPT's cosine to 0, a function of the step
         for group in optimizer.param_groups:
             group["lr"] = optimizer.defaults["lr"] * 0.5 * (1 + math.cos(math.pi * progress))
-        if args.clip_grad_norm is not None:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -254,10 +247,7 @@ def main(argv=None) -> dict:
         args.device = distributed.init_distributed(backend=backend)
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     stop = StopOnSignal()  # a signal no longer kills the run: it finishes the step, saves, exits 128 + signal
-    distributed.barrier()  # every rank has read the logdir (parse_args) before rank 0 changes it
-    if args.force and rank == 0:
-        for path in (args.logdir / name for name in OUTPUTS):
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    distributed.barrier()  # every rank has checked the logdir (parse_args) before rank 0 writes train.log
     logger = get_logger("ddp-experiment", log_file=args.logdir / "train.log")  # the file on global rank 0 only
     logger.info(f"Arguments: {vars(args)}")
     logger.info(f"World size {world_size}, backend {backend if distributed.is_initialized() else 'none'}")

@@ -1,7 +1,6 @@
-"""Train a small CNN on scikit-learn's handwritten digits, on one device (CPU by default). For your own model, copy
-this file and change ``get_datasets``, ``Net``, ``compute_metrics`` and ``MAIN_METRIC`` / ``MINIMIZE_METRIC``. Writes
-``checkpoints/`` (the N best exp_<epoch>.pth, best.pth, last.pth, step.pth, metrics.json), ``tensorboard/`` and
-``train.log`` to ``--logdir``; with several stages, checkpoints/<stage>/ and tensorboard/<stage>/.
+"""Train a small CNN on scikit-learn's handwritten digits on one device (CPU by default). For your own model, copy this
+file and change ``get_datasets``, ``Net``, ``compute_metrics`` and ``MAIN_METRIC``. Writes to ``--logdir``: checkpoints/
+(N best exp_<epoch>.pth, best.pth, last.pth, step.pth, metrics.json), tensorboard/ (each a folder per stage), train.log.
 
     python examples/device/experiment.py                    # train; --resume auto continues a stopped run
     python examples/device/experiment.py --stages head all  # the head alone, then every layer at --lr / 10
@@ -9,7 +8,6 @@ this file and change ``get_datasets``, ``Net``, ``compute_metrics`` and ``MAIN_M
 
 import argparse
 import math
-import shutil
 import sys
 import time
 from collections import defaultdict
@@ -22,7 +20,6 @@ from torch.utils.data import Dataset, TensorDataset
 from batteries import (
     AverageMeter,
     CheckpointManager,
-    EarlyStopIndicator,
     StopOnSignal,
     TensorboardLogger,
     get_logger,
@@ -33,13 +30,12 @@ from batteries import (
 )
 from batteries.progress import tqdm
 
-MAIN_METRIC = "accuracy"  # the validation metric that picks the best checkpoint and stops early
+MAIN_METRIC = "accuracy"  # the validation metric that picks the best checkpoint
 MINIMIZE_METRIC = False
 OUTPUTS = ("checkpoints", "tensorboard", "train.log")
 STAGES = {"head": lambda model: model.head, "all": lambda model: model}  # what each stage trains
 
 
-# ----------------------------------------------------------------------------- arguments
 def bounded(kind: type, low: float, high: float = math.inf, above: bool = False):
     def parse(text: str):  # an argparse type: kind(text) in [low, high], low excluded if above
         if not low <= (value := kind(text)) <= high or (above and value == low):
@@ -65,12 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--save-n-best", type=bounded(int, 1), default=3, help="numbered checkpoints to keep")
     add("--accum-steps", type=bounded(int, 1), default=1, help="batches per optimizer step")
     add("--amp", action="store_true", help="mixed precision: bfloat16 on CPU, float16 on CUDA")
-    add("--clip-grad-norm", type=bounded(float, 0, above=True), default=None, help="clip the gradient norm")
-    add("--patience", type=bounded(int, 0), default=None, help="epochs in a row without gain tolerated, then stop")
     add("--save-every-steps", type=bounded(int, 1), default=None, help="save step.pth every N optimizer steps")
-    once = parser.add_mutually_exclusive_group()  # continue a run, or start it over
-    once.add_argument("--resume", default=None, metavar="PATH|auto", help="checkpoint to continue; auto: the newest")
-    once.add_argument("-f", "--force", action="store_true", help="start over in an existing logdir")
+    add("--resume", default=None, metavar="PATH|auto", help="checkpoint to continue; auto: the newest")
     args = parser.parse_args(argv)
     try:
         args.device = torch.device(args.device)
@@ -80,21 +72,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--device: {str(args.device)!r} requested but CUDA is not available; use --device cpu")
     if args.logdir.is_file():
         parser.error(f"--logdir: '{args.logdir}' is a file; pass a folder")
-    if not (args.force or args.resume) and any((args.logdir / name).exists() for name in OUTPUTS):
-        parser.error(f"--logdir: '{args.logdir}' holds a run: --resume auto continues it, -f/--force starts over")
+    if not args.resume and any((args.logdir / name).exists() for name in OUTPUTS):
+        parser.error(f"--logdir: '{args.logdir}' holds a run: --resume auto continues it (or delete it to start over)")
     path = None if args.resume in (None, "auto") else Path(args.resume)
-    if path and not (path.is_file() and (len(args.stages) == 1 or path.parent.name in args.stages)):
-        parser.error(f"--resume: {args.resume!r} is not a checkpoint file (of a stage's folder); or pass 'auto'")
-    # --resume PATH continues the stage of its folder: the stages before it continue too, those after it start anew
-    own = args.stages.index(path.parent.name) if path and len(args.stages) > 1 else len(args.stages) - 1
-    if trained := [stage for stage in args.stages[own + 1 :] if (args.logdir / "checkpoints" / stage).exists()]:
-        parser.error(f"--resume: the later stages {trained} have checkpoints; delete their folders to train them anew")
-    args.sources = ["auto"] * own + [args.resume] + [None] * (len(args.stages) - own - 1)
+    if path and not (path.is_file() and (len(args.stages) == 1 or path.parent.name == args.stages[-1])):
+        parser.error(f"--resume: {args.resume!r} is not a checkpoint file (of the last stage); or pass 'auto'")
+    args.sources = ["auto"] * (len(args.stages) - 1) + [args.resume]  # a PATH continues the last stage
     args.amp_dtype = (torch.float16 if args.device.type == "cuda" else torch.bfloat16) if args.amp else None
     return args
 
 
-# ----------------------------------------------------------------------------- data and model
 def get_datasets() -> tuple[Dataset, Dataset]:
     """Your data goes here. Here scikit-learn's 1,797 8x8 digits in [0, 1] (no download), split 80 / 20 by class."""
     from sklearn.datasets import load_digits
@@ -134,7 +121,6 @@ def compute_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Te
     return {"loss": loss, "accuracy": (logits.argmax(1) == y).float()}
 
 
-# ----------------------------------------------------------------------------- train / valid
 def train_fn(state: dict, meters: dict, args: argparse.Namespace, stop: StopOnSignal, save) -> None:
     """One epoch, or its rest after a mid-epoch resume, or up to a stop request; counts ``state["steps"]``."""
     model, optimizer, scaler, loader = state["model"], state["optimizer"], state["scaler"], state["loader"]
@@ -155,9 +141,6 @@ def train_fn(state: dict, meters: dict, args: argparse.Namespace, stop: StopOnSi
         progress = min(state["steps"] / total_steps, 1.0)  # nanoGPT's cosine to 0, a function of the step
         for group in optimizer.param_groups:
             group["lr"] = optimizer.defaults["lr"] * 0.5 * (1 + math.cos(math.pi * progress))
-        if args.clip_grad_norm is not None:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -187,7 +170,6 @@ def line(metrics: dict[str, float]) -> str:
     return " ".join(f"{name} {value:.4f}" for name, value in metrics.items())
 
 
-# ----------------------------------------------------------------------------- a stage
 def train_stage(index: int, model: nn.Module, train_loader, valid_loader, args, logger, stop) -> CheckpointManager:
     """Train stage ``index`` up to ``--epochs`` in its own folders, from the previous stage's best weights."""
     stage, source = args.stages[index], args.sources[index]
@@ -197,24 +179,17 @@ def train_stage(index: int, model: nn.Module, train_loader, valid_loader, args, 
     trained = STAGES[stage](model.requires_grad_(False)).requires_grad_(True)
     optimizer = torch.optim.AdamW(trained.parameters(), lr=args.lr / 10**index, weight_decay=1e-4)
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp_dtype == torch.float16)
-    early_stop = EarlyStopIndicator(args.patience, MINIMIZE_METRIC) if args.patience is not None else None
     manager = CheckpointManager(args.logdir / "checkpoints" / sub, metric=MAIN_METRIC,
                                 metric_minimization=MINIMIZE_METRIC, save_n_best=args.save_n_best)  # fmt: skip
-    state = {"model": model, "optimizer": optimizer, "scaler": scaler, "early_stop": early_stop,
-             "loader": train_loader, "steps": 0, "meters": {}}  # fmt: skip  # what a checkpoint holds
+    state = {"model": model, "optimizer": optimizer, "scaler": scaler, "loader": train_loader, "steps": 0,
+             "meters": {}}  # fmt: skip  # what a checkpoint holds
     start = manager.resume(state, source)  # restored in place; the last finished epoch, 0 for a fresh start
-    meters = defaultdict(AverageMeter)  # the running epoch's train metrics, by name
-    for name, meter_state in (state["meters"] if train_loader.batches_done else {}).items():  # mid-epoch
+    meters, batch = defaultdict(AverageMeter), train_loader.batches_done  # the running epoch's train metrics, by name
+    for name, meter_state in (state["meters"] if batch else {}).items():  # mid-epoch
         meters[name].load_state_dict(meter_state)
-    if start or state["steps"]:
-        stopped_early = early_stop is not None and early_stop.num_bad_calls > early_stop.patience
-        done = "it had stopped early" if stopped_early else "its epochs are done" if start >= args.epochs else ""
-        batch = train_loader.batches_done + 1
-        where = f"{done}: nothing to continue" if done else f"continuing at epoch {start + 1}, batch {batch}"
-        logger.info(f"Resumed from '{source if source != 'auto' else manager.logdir}' (epoch {start} finished); "
-                    f"{where}")  # fmt: skip
-        if done:
-            return manager
+    if start or state["steps"]:  # a resume: say from where
+        then = "its epochs are done" if start >= args.epochs else f"continuing at epoch {start + 1}, batch {batch + 1}"
+        logger.info(f"Resumed from '{source if source != 'auto' else manager.logdir}' (epoch {start} finished); {then}")
 
     def save() -> None:  # step.pth, between two records: the position, this epoch's meters, the RNG states
         state["meters"] = {name: meter.state_dict() for name, meter in meters.items()}
@@ -233,24 +208,16 @@ def train_stage(index: int, model: nn.Module, train_loader, valid_loader, args, 
         logger.info(f"{stage} " * bool(sub) + f"epoch {epoch}/{args.epochs}: train {line(train)} | valid {line(valid)}")
         for tag, value in {"train": train, "valid": valid, "lr": optimizer.param_groups[0]["lr"]}.items():
             tensorboard.add_metric(tag, value, epoch)  # curves: train/loss, valid/accuracy, lr, ...
-        should_stop = early_stop is not None and early_stop(valid[MAIN_METRIC])
         state["meters"] = {name: meter.state_dict() for name, meter in meters.items()}
         manager.process({**valid, **{f"train_{k}": v for k, v in train.items()}}, epoch, state)
         meters.clear()
-        if should_stop:
-            logger.info(f"Early stop: no gain in valid {MAIN_METRIC} for {early_stop.num_bad_calls} epochs")
-            break
     tensorboard.close()
     return manager
 
 
-# ----------------------------------------------------------------------------- experiment
 def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
-    if args.force:
-        for path in (args.logdir / name for name in OUTPUTS):
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     logger = get_logger("device-experiment", log_file=args.logdir / "train.log")
     logger.info(f"Arguments: {vars(args)}")
     stop = StopOnSignal()  # a signal no longer kills the run: it finishes the step, saves, exits 128 + signal
