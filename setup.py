@@ -9,7 +9,7 @@ HERE = Path(__file__).parent
 VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "batteries" / "__init__.py").read_text(), re.M).group(1)
 
 EXAMPLES = ["scikit-learn>=1.0", "matplotlib>=3.5"]
-TEST = ["pytest>=7.0", "scikit-learn>=1.0"]
+TEST = ["pytest>=7.0", "pytest-xdist>=3.2", "scikit-learn>=1.0"]  # xdist: pyproject.toml runs 2 workers
 BENCH = ["scikit-learn>=1.0"]
 # benchmarks/anchors.py: the same epoch with Lightning Fabric, HF Accelerate and PyTorch-Ignite. Pinned
 # so figures compare across runs; install with -c constraints.txt so none of them brings another torch.

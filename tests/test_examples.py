@@ -308,34 +308,20 @@ def straight_run(tmp_path_factory):
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find a launcher's workers")
-@pytest.mark.parametrize("mode", ["epoch", "mid-epoch"])
 @pytest.mark.parametrize("example", ["device"])  # ddp: tests/test_elastic.py kills one worker, or rank 0
-def test_kill_9_and_resume_is_bitwise_the_uninterrupted_run(tmp_path, straight_run, example, mode):
-    """Dropout, shuffling, random augmentation and 2 DataLoader workers; killed, then --resume auto."""
+def test_kill_9_and_resume_is_bitwise_the_uninterrupted_run(tmp_path, straight_run, example):
+    """Dropout, shuffling, random augmentation and 2 DataLoader workers; killed at a random instant after
+    epoch 1, then --resume auto from last.pth. (Killed after a mid-epoch step.pth: the two-stages test.)"""
     logdir = tmp_path / "run"
     checkpoints = logdir / "checkpoints"
-    if mode == "epoch":  # killed at a random instant after epoch 1; resumes from last.pth
-        extra = []
-
-        def ready():
-            return position(checkpoints / "last.pth") is not None
-    else:  # killed right after a mid-epoch checkpoint; resumes from step.pth
-        extra = ["--save-every-steps", "2"]
-
-        def ready():
-            last, step = position(checkpoints / "last.pth"), position(checkpoints / "step.pth")
-            return last is not None and step is not None and step > last
-
-    kill_9_when(launch(example, "--logdir", logdir, *extra), ready)
-    result = run(launch(example, "--logdir", logdir, "--resume", "auto", *extra))
+    kill_9_when(launch(example, "--logdir", logdir), lambda: position(checkpoints / "last.pth") is not None)
+    result = run(launch(example, "--logdir", logdir, "--resume", "auto"))
     assert result.returncode == 0, result.stderr[-3000:]
     log = (logdir / "train.log").read_text()
     resumed_from = re.search(r"Resumed from '.*' \(epoch (\d+) finished\); continuing at epoch (\d+), batch (\d+)", log)
     assert resumed_from, log[-2000:]
     finished, epoch, batch = resumed_from.groups()
     assert int(epoch) == int(finished) + 1
-    if mode == "mid-epoch":  # from step.pth: part way into an epoch
-        assert int(batch) > 1
 
     straight = straight_run(example)
     a = torch.load(straight / "checkpoints" / "last.pth", weights_only=True)
