@@ -82,6 +82,7 @@ def test_device_example_one_epoch(tmp_path):
         (["--seed", "-1"], "--seed"),
         (["--seed", str(2**32)], "--seed"),
         (["--lr", "0"], "--lr"),
+        (["--stages", "head", "all", "head"], "--stages"),
     ],
 )
 def test_bad_flags_one_line_exit_2_nothing_written(tmp_path, capsys, args, flag):
@@ -96,6 +97,23 @@ def test_bad_flags_one_line_exit_2_nothing_written(tmp_path, capsys, args, flag)
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0]
     assert not logdir.exists()
+
+
+OTHER_STAGES = [("metrics.json", ["head", "all"]), ("head", ["all"]), ("mid", ["head", "all"])]
+
+
+@pytest.mark.parametrize(("held", "stages"), OTHER_STAGES)
+def test_resume_auto_with_other_stages_than_the_run_had_is_a_flag_error(tmp_path, capsys, held, stages):
+    """A run of one stage keeps its files in checkpoints/, one of several a folder per stage: --resume auto with
+    other --stages would train a new run beside the old one."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / held).mkdir() if "." not in held else (checkpoints / held).write_text("{}")
+    main = runpy.run_path(str(DEVICE))["main"]
+    with pytest.raises(SystemExit) as exited:
+        main(["--stages", *stages, "--resume", "auto", "--logdir", str(tmp_path / "run")])
+    assert exited.value.code == 2 and "holds a run of other --stages" in capsys.readouterr().err
+    assert [p.name for p in checkpoints.iterdir()] == [held] and not (tmp_path / "run" / "train.log").exists()
 
 
 def test_logdir_that_is_a_file_is_a_flag_error(tmp_path):
@@ -374,6 +392,11 @@ def test_two_stages_killed_in_the_second_resume_bitwise_as_the_uninterrupted_run
         launch("device", "--logdir", logdir, "--resume", logdir / "checkpoints" / "head" / "exp_2.pth", *stages)
     )
     assert branch.returncode == 2 and "(of the last stage)" in branch.stderr
+    # more epochs: the first stage, which the second follows, is done; the second trains on from its epoch 3
+    result = run(launch("device", "--logdir", logdir, "--resume", "auto", *stages, "--epochs", "4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    head, every = (json.loads((logdir / "checkpoints" / s / "metrics.json").read_text()) for s in ("head", "all"))
+    assert [r["epoch"] for r in head["values"]] == [1, 2, 3] and [r["epoch"] for r in every["values"]] == [1, 2, 3, 4]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

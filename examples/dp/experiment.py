@@ -16,7 +16,6 @@ and ``train.log`` to ``--logdir``; with several stages, checkpoints/<stage>/ and
 import argparse
 import math
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -83,8 +82,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--logdir: '{args.logdir}' is a file; pass a folder")
     if not args.resume and any((args.logdir / name).exists() for name in OUTPUTS):
         parser.error(f"--logdir: '{args.logdir}' holds a run: --resume auto continues it (or delete it to start over)")
-    path = None if args.resume in (None, "auto") else Path(args.resume)
-    if path and not (path.is_file() and (len(args.stages) == 1 or path.parent.name == args.stages[-1])):
+    several, held = len(args.stages) > 1, (args.logdir / "checkpoints").glob("*")  # a folder per stage, or files
+    odd = [p.name for p in held if p.is_dir() != several or several and p.name not in args.stages]
+    if odd or len(set(args.stages)) < len(args.stages):
+        parser.error(f"--stages: {args.stages} repeats a stage, or '{args.logdir}' holds a run of other --stages")
+    path = None if args.resume in (None, "auto") else Path(args.resume).resolve()
+    if path and not (path.is_file() and (not several or path.parent.name == args.stages[-1])):
         parser.error(f"--resume: {args.resume!r} is not a checkpoint file (of the last stage); or pass 'auto'")
     args.sources = ["auto"] * (len(args.stages) - 1) + [args.resume]  # a PATH continues the last stage
     args.amp_dtype = (torch.float16 if args.device.type == "cuda" else torch.bfloat16) if args.amp else None
@@ -136,7 +139,6 @@ def train_fn(state: dict, meters: dict, args: argparse.Namespace, stop: StopOnSi
     model.train()
     if stop(wait=True):  # a signal came during the last validation or save: stop before the first step
         return
-    total_steps = args.epochs * math.ceil(len(loader) / args.accum_steps)
     for batch in tqdm(loader, desc=f"epoch {loader.epoch} train", leave=False):
         x, y = t2d(batch, args.device, non_blocking=True)
         step_now = loader.batches_done % args.accum_steps == 0 or loader.batches_done == len(loader)  # or epoch end
@@ -147,7 +149,7 @@ def train_fn(state: dict, meters: dict, args: argparse.Namespace, stop: StopOnSi
             meters[name].update(value.detach().mean(), len(y))  # tensors: no host sync per step
         if not step_now:
             continue  # accumulate the gradient of the next batch too
-        progress = min(state["steps"] / total_steps, 1.0)  # nanoGPT's cosine to 0, a function of the step
+        progress = min(state["steps"] / (args.epochs * math.ceil(len(loader) / args.accum_steps)), 1.0)  # of the step
         for group in optimizer.param_groups:
             group["lr"] = optimizer.defaults["lr"] * 0.5 * (1 + math.cos(math.pi * progress))
         scaler.step(optimizer)
@@ -196,13 +198,16 @@ def train_stage(index: int, model: nn.Module, train_loader, valid_loader, args, 
     meters, batch = defaultdict(AverageMeter), train_loader.batches_done  # the running epoch's train metrics, by name
     for name, meter_state in (state["meters"] if batch else {}).items():  # mid-epoch
         meters[name].load_state_dict(meter_state)
-    if start or state["steps"]:  # a resume: say from where
-        then = "its epochs are done" if start >= args.epochs else f"continuing at epoch {start + 1}, batch {batch + 1}"
+    if start or state["steps"]:  # a resume: say from where; a stage that a later one follows is done
+        done = start >= args.epochs or any((args.logdir / "checkpoints" / s).exists() for s in args.stages[index + 1 :])
+        then = "its epochs are done" if done else f"continuing at epoch {start + 1}, batch {batch + 1}"
         logger.info(f"Resumed from '{source if source != 'auto' else manager.logdir}' (epoch {start} finished); {then}")
+        if done:
+            return manager
 
-    def save() -> None:  # step.pth, between two records: the position, this epoch's meters, the RNG states
+    def save(*record) -> None:  # step.pth, or with (scores, epoch) the epoch's: position, meters, RNG states
         state["meters"] = {name: meter.state_dict() for name, meter in meters.items()}
-        manager.save(state)
+        manager.process(*record, state) if record else manager.save(state)
 
     tensorboard = TensorboardLogger(args.logdir / "tensorboard" / sub, purge_step=start + 1 if start else None)
     for epoch in range(start + 1, args.epochs + 1):
@@ -217,8 +222,7 @@ def train_stage(index: int, model: nn.Module, train_loader, valid_loader, args, 
         logger.info(f"{stage} " * bool(sub) + f"epoch {epoch}/{args.epochs}: train {line(train)} | valid {line(valid)}")
         for tag, value in {"train": train, "valid": valid, "lr": optimizer.param_groups[0]["lr"]}.items():
             tensorboard.add_metric(tag, value, epoch)  # curves: train/loss, valid/accuracy, lr, ...
-        state["meters"] = {name: meter.state_dict() for name, meter in meters.items()}
-        manager.process({**valid, **{f"train_{k}": v for k, v in train.items()}}, epoch, state)
+        save({**valid, **{f"train_{k}": v for k, v in train.items()}}, epoch)  # the N best, best.pth, last.pth
         meters.clear()
     tensorboard.close()
     return manager
@@ -226,7 +230,6 @@ def train_stage(index: int, model: nn.Module, train_loader, valid_loader, args, 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    started = time.perf_counter()
     logger = get_logger("dp-experiment", log_file=args.logdir / "train.log")
     logger.info(f"Arguments: {vars(args)}")
     stop = StopOnSignal()  # a signal no longer kills the run: it finishes the step, saves, exits 128 + signal
@@ -256,8 +259,7 @@ def main(argv=None) -> dict:
     load_checkpoint(manager.logdir / "best.pth", best_model := Net().to(args.device), verbose=False)
     reloaded = valid_fn(best_model, valid_loader, args)
     logger.info(f"Summary: best valid {MAIN_METRIC} {best[MAIN_METRIC]:.4f} at epoch {best['epoch']} of {args.epochs} "
-                f"(best.pth re-evaluated: {reloaded[MAIN_METRIC]:.4f}), {time.perf_counter() - started:.1f} s; "
-                f"checkpoints in {manager.logdir}/")  # fmt: skip
+                f"(best.pth re-evaluated: {reloaded[MAIN_METRIC]:.4f}); checkpoints in {manager.logdir}/")  # fmt: skip
     logger.info(f"Curves: tensorboard --logdir {args.logdir / 'tensorboard'} (after pip install tensorboard)")
     return {"best_epoch": best["epoch"], f"best_{MAIN_METRIC}": best[MAIN_METRIC], "reloaded": reloaded}
 
