@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -13,3 +14,5 @@ def root() -> Path:
 
 def pytest_configure(config):
     sys.path.insert(0, str(ROOT / "tests"))
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one compute thread per process
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # (inherited by the processes the tests start)
