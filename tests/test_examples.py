@@ -116,6 +116,28 @@ def test_resume_auto_with_other_stages_than_the_run_had_is_a_flag_error(tmp_path
     assert [p.name for p in checkpoints.iterdir()] == [held] and not (tmp_path / "run" / "train.log").exists()
 
 
+def test_stage_flags_refuse_what_is_not_this_runs_and_pass_hidden_files(tmp_path, capsys):
+    """checkpoints/ a file; a --resume PATH in a folder named as the last stage but of another run: exit 2, one
+    line. A hidden file (a .DS_Store) beside the stage folders is no stage."""
+    parse_args, other, run_dir = runpy.run_path(str(DEVICE))["parse_args"], tmp_path / "other", tmp_path / "run"
+    (other / "checkpoints" / "all").mkdir(parents=True)
+    (other / "checkpoints" / "all" / "exp_1.pth").write_bytes(b"")
+    (tmp_path / "file" / "checkpoints").parent.mkdir()
+    (tmp_path / "file" / "checkpoints").write_text("")
+    for argv, flag in [
+        (["--logdir", str(tmp_path / "file"), "--resume", "auto"], "--logdir"),
+        (["--logdir", str(run_dir), "--stages", "head", "all", "--resume", str(other / "checkpoints/all/exp_1.pth")],
+         "--resume"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as exited:
+            parse_args(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exited.value.code == 2 and len(lines) == 1 and flag in lines[0], lines
+    (other / "checkpoints" / ".DS_Store").write_text("")
+    args = parse_args(["--logdir", str(other), "--stages", "head", "all", "--resume", "auto"])
+    assert args.sources == ["auto", "auto"]
+
+
 def test_logdir_that_is_a_file_is_a_flag_error(tmp_path):
     logdir = tmp_path / "run"
     logdir.write_text("not a folder")

@@ -78,18 +78,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--device: {str(args.device)!r} requested but CUDA is not available; use --device cpu")
     if args.device.type == "cuda" and (args.device.index or 0) >= torch.cuda.device_count():
         parser.error(f"--device: {str(args.device)!r}: only {torch.cuda.device_count()} GPU(s) visible")
-    if args.logdir.is_file():
-        parser.error(f"--logdir: '{args.logdir}' is a file; pass a folder")
+    if args.logdir.is_file() or (args.logdir / "checkpoints").is_file():
+        parser.error(f"--logdir: '{args.logdir}' (or its checkpoints) is a file; pass a folder")
     if not args.resume and any((args.logdir / name).exists() for name in OUTPUTS):
         parser.error(f"--logdir: '{args.logdir}' holds a run: --resume auto continues it (or delete it to start over)")
-    several, held = len(args.stages) > 1, (args.logdir / "checkpoints").glob("*")  # a folder per stage, or files
-    odd = [p.name for p in held if p.is_dir() != several or several and p.name not in args.stages]
+    several, ckpts = len(args.stages) > 1, args.logdir / "checkpoints"  # holding a folder per stage, or the files
+    odd = [p.name for p in ckpts.glob("[!.]*") if p.is_dir() != several or several and p.name not in args.stages]
     if odd or len(set(args.stages)) < len(args.stages):
-        parser.error(f"--stages: {args.stages} repeats a stage, or '{args.logdir}' holds a run of other --stages")
+        parser.error(f"--stages {args.stages}: a stage twice, or '{args.logdir}' holds a run of other --stages: {odd}")
     path = None if args.resume in (None, "auto") else Path(args.resume).resolve()
-    if path and not (path.is_file() and (not several or path.parent.name == args.stages[-1])):
+    if path and not (path.is_file() and (not several or path.parent == (ckpts / args.stages[-1]).resolve())):
         parser.error(f"--resume: {args.resume!r} is not a checkpoint file (of the last stage); or pass 'auto'")
-    args.sources = ["auto"] * (len(args.stages) - 1) + [args.resume]  # a PATH continues the last stage
+    args.sources = ["auto"] * (len(args.stages) - 1) + [args.resume]  # a PATH: of this run's last stage
     args.amp_dtype = (torch.float16 if args.device.type == "cuda" else torch.bfloat16) if args.amp else None
     return args
 
