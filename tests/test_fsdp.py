@@ -65,12 +65,10 @@ def visible(folder):
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """The uninterrupted 2-process run, once per session."""
-    logdir = tmp_path_factory.mktemp("fsdp-straight") / "run"
-    run(2, "--logdir", logdir)
-    return logdir
+@pytest.fixture
+def straight(made_once):
+    """The uninterrupted 2-process run, once per session (read it, or copy it)."""
+    return made_once("straight-fsdp", lambda logdir: run(2, "--logdir", logdir))
 
 
 def test_two_processes_train_and_the_consolidated_best_loads_with_weights_only(straight, tmp_path):
