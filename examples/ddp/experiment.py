@@ -59,8 +59,13 @@ def bounded(kind: type, low: float, high: float = math.inf, above: bool = False)
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    rank0 = os.environ.get("RANK", "0") == "0"  # a bad flag: one line from rank 0, no usage dump, exit 2 everywhere
-    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n" if rank0 else None)
+    rank = int(os.environ.get("RANK", "0"))
+
+    def error(message: str) -> None:  # a bad flag: one line, no usage dump, exit 2. Rank 0 reports it; the others
+        time.sleep(30 if rank else 0)  # wait to be stopped by the launcher as rank 0 exits: one that exited first
+        parser.exit(2, f"{parser.prog}: error: {message}\n")  # could have rank 0 stopped before it said why
+
+    parser.error = error
     add = parser.add_argument
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     add("--epochs", type=bounded(int, 1), default=20, help="total epochs; a resumed run continues up to it")
