@@ -514,9 +514,8 @@ def test_a_bad_flag_under_torchrun_is_reported_once_also_when_rank_0_comes_last(
     script = tmp_path / "experiment.py"
     script.write_text(f'{source[:start]}\nimport os, time\ntime.sleep(2 * (os.environ["RANK"] == "0")){source[start:]}')
     command = [arg.replace("PORT", str(free_port())) for arg in map(str, LAUNCHERS["ddp"][:-1])]
-    started = time.monotonic()
     result = run([*command, script, "--epochs", "many", "--logdir", tmp_path / "run"], timeout=120)
-    assert result.returncode != 0 and time.monotonic() - started < 25  # not after rank 1's wait of 30 s
+    assert result.returncode != 0  # and rank 1 was stopped in its wait (10 s): had it run out, it too would report
     assert result.stderr.count("error: argument --epochs: invalid int value: 'many'") == 1, result.stderr[-3000:]
     assert not (tmp_path / "run").exists()
 

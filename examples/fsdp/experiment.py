@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     rank = int(os.environ.get("RANK", "0"))
 
     def error(message: str) -> None:  # a bad flag: one line, no usage dump, exit 2. Rank 0 reports it; the others
-        time.sleep(30 if rank else 0)  # wait to be stopped by the launcher as rank 0 exits: one that exited first
+        time.sleep(10 if rank else 0)  # wait to be stopped by the launcher as rank 0 exits: one that exited first
         parser.exit(2, f"{parser.prog}: error: {message}\n")  # could have rank 0 stopped before it said why
 
     parser.error = error
