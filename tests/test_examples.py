@@ -507,6 +507,16 @@ def test_mid_epoch_resume_with_another_batch_size_trains_every_sample_once(tmp_p
     assert "continuing at epoch 2, batch 7" in (logdir / "train.log").read_text()  # 384 samples = 6 of 64
 
 
+@pytest.mark.parametrize("example", ["ddp", "fsdp"])
+def test_an_empty_rank_variable_is_no_rank(tmp_path, monkeypatch, example):
+    """`RANK=` left empty in a shell: one process, rank 0, as the library reads it."""
+    monkeypatch.setenv("RANK", "")
+    parse_args = load_example(ROOT / "examples" / example / "experiment.py").parse_args
+    assert parse_args(["--logdir", str(tmp_path / "run")]).epochs > 0
+    with pytest.raises(SystemExit):
+        parse_args(["--epochs", "many"])
+
+
 def test_a_bad_flag_under_torchrun_is_reported_once_also_when_rank_0_comes_last(tmp_path):
     """torchrun stops every worker as soon as one exits: rank 1, faster, must not get rank 0 stopped unheard."""
     source = DDP.read_text()

@@ -60,7 +60,7 @@ def bounded(kind: type, low: float, high: float = math.inf, above: bool = False)
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    rank = int(os.environ.get("RANK", "0"))
+    rank = int(os.environ.get("RANK") or 0)
 
     def error(message: str) -> None:  # a bad flag: one line, no usage dump, exit 2. Rank 0 reports it; the others
         time.sleep(10 if rank else 0)  # wait to be stopped by the launcher as rank 0 exits: one that exited first
