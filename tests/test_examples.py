@@ -233,14 +233,16 @@ TORCHRUN = ["-m", "torch.distributed.run"]  # `torchrun`; run() puts sys.executa
 LAUNCH = ["-m", "torch.distributed.launch"]
 
 
-def test_ddp_example_under_the_original_launcher_reports_exact_single_process_accuracy(tmp_path):
+def test_ddp_example_under_the_original_launcher_reports_exact_accuracy_and_resumes_at_another_batch_size(tmp_path):
     """`python -m torch.distributed.launch --nproc_per_node=2`, as the original README ran it. (torchrun: the
-    two-nodes test below; plain python: test_a_resumed_run_that_had_stopped_early_says_so.)"""
+    two-nodes test below; plain python: test_a_resumed_run_that_had_stopped_early_says_so.) Its step.pth,
+    3 batches of 128 into epoch 2, resumes at batch size 64 with every rank's samples trained once."""
     logdir = tmp_path / "run"
-    command = [*LAUNCH, "--nproc_per_node=2", "--master_port", free_port(), DDP, *FAST, "--epochs", "2"]
-    result = run([*command, "--logdir", logdir])
+    command = [*LAUNCH, "--nproc_per_node=2", "--master_port", free_port(), DDP, "--device", "cpu", "--epochs", "2"]
+    result = run([*command, "--batch-size", "128", "--save-every-steps", "9", "--logdir", logdir])  # 6 steps/epoch
     assert result.returncode == 0, result.stderr[-3000:]
     assert_exact_single_process_accuracy(logdir, world_size=2)
+    assert_resumes_at_batch_size_64(command, logdir, world_size=2)
 
 
 def assert_exact_single_process_accuracy(logdir, world_size):
@@ -343,14 +345,29 @@ def straight_run(made_once):
     return get
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find a launcher's workers")
-@pytest.mark.parametrize("example", ["device"])  # ddp: tests/test_elastic.py kills one worker, or rank 0
-def test_kill_9_and_resume_is_bitwise_the_uninterrupted_run(tmp_path, straight_run, example):
-    """Dropout, shuffling, random augmentation and 2 DataLoader workers; killed at a random instant after
-    epoch 1, then --resume auto from last.pth. (Killed after a mid-epoch step.pth: the two-stages test.)"""
-    logdir = tmp_path / "run"
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the DataLoader workers")
+def test_kill_9_and_resume_is_bitwise_the_uninterrupted_run(tmp_path, straight_run):
+    """Dropout, shuffling, random augmentation and 2 DataLoader workers; the training process alone gets
+    ``kill -9`` (as a scheduler or `kill` sends it) while its workers run, after epoch 1: the workers end with
+    it; then --resume auto from last.pth. (Killed after a mid-epoch step.pth: the two-stages test.)"""
+    example, logdir = "device", tmp_path / "run"
     checkpoints = logdir / "checkpoints"
-    kill_9_when(launch(example, "--logdir", logdir), lambda: position(checkpoints / "last.pth") is not None)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, *launch(example, "--logdir", logdir)]
+    process = subprocess.Popen(list(map(str, command)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while position(checkpoints / "last.pth") is None or len(helpers := descendants(process.pid)) < 2:
+            assert time.monotonic() < deadline and process.poll() is None, "no DataLoader workers after epoch 1"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 10  # they end with the process (PDEATHSIG): give them a moment
+        while alive(helpers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alive(helpers) == []
+    finally:
+        kill_tree(process)
     result = run(launch(example, "--logdir", logdir, "--resume", "auto"))
     assert result.returncode == 0, result.stderr[-3000:]
     log = (logdir / "train.log").read_text()
@@ -455,54 +472,28 @@ def test_a_resumed_run_that_had_stopped_early_says_so(tmp_path):
     assert epochs_recorded(logdir)[-1] == stopped_at
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
-@pytest.mark.parametrize("sig", [signal.SIGKILL], ids=["SIGKILL"])  # SIGTERM: test_signals_at_random_instants_...
-def test_killing_an_example_with_workers_leaves_no_process_behind(tmp_path, sig):
-    logdir = tmp_path / "run"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, DEVICE, *FAST, "--epochs", "50", "--num-workers", "2", "--logdir", logdir]
-    process = subprocess.Popen(list(map(str, command)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while not ((logdir / "train.log").exists() and "epoch 1/" in (logdir / "train.log").read_text()):
-            assert time.monotonic() < deadline and process.poll() is None, "the run did not reach epoch 1"
-            time.sleep(0.1)
-        while len(helpers := descendants(process.pid)) < 2:  # the workers, alive while an epoch runs
-            assert time.monotonic() < deadline and process.poll() is None, "no DataLoader workers"
-            time.sleep(0.02)
-        process.send_signal(sig)  # to the training process only, as a scheduler or `kill` does
-        process.wait(timeout=30)
-        deadline = time.monotonic() + 10
-        while alive(helpers) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert alive(helpers) == []
-    finally:
-        kill_tree(process)
-
-
-@pytest.mark.parametrize("example", ["device", "ddp"])
-def test_mid_epoch_resume_with_another_batch_size_trains_every_sample_once(tmp_path, example):
-    """Resume positions count samples: a step checkpoint taken at batch size 128 resumes at 64 exactly."""
-    logdir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    launcher = [] if example == "device" else LAUNCHERS["ddp"][:-1]
-    script = DEVICE if example == "device" else DDP
-    world_size = 1 if example == "device" else 2
-    share = math.ceil(1437 / world_size)  # the training samples of each rank per epoch
-    steps_per_epoch = math.ceil(share / 128)
-    command = [*launcher, script, "--device", "cpu", "--epochs", "2", "--logdir", logdir]
-    command = [str(free_port()) if part == "PORT" else part for part in command]
-    first = run([*command, "--batch-size", "128", "--save-every-steps", str(steps_per_epoch + 3)])
+def test_mid_epoch_resume_with_another_batch_size_trains_every_sample_once(tmp_path):
+    """Resume positions count samples: a step checkpoint taken at batch size 128 resumes at 64 exactly.
+    (The ddp example: the original launcher's test.)"""
+    logdir, command = tmp_path / "run", [DEVICE, "--device", "cpu", "--epochs", "2"]
+    first = run([*command, "--batch-size", "128", "--save-every-steps", "15", "--logdir", logdir])  # 12 steps/epoch
     assert first.returncode == 0, first.stderr[-2000:]
+    assert_resumes_at_batch_size_64(command, logdir, world_size=1)
+
+
+def assert_resumes_at_batch_size_64(command, logdir, world_size):
+    """``command``'s run in ``logdir`` left a step.pth 3 batches of 128 into epoch 2: resumed from it at batch
+    size 64, each rank trains each of its samples of epoch 2 once."""
+    checkpoints = logdir / "checkpoints"
     step = torch.load(checkpoints / "step.pth", weights_only=True)
-    assert step["epoch"] == 1 and step["loader_state_dict"]["samples_done"] == 3 * 128  # 3 batches into epoch 2
-    result = run([*command, "--batch-size", "64", "--resume", checkpoints / "step.pth"])
+    assert step["epoch"] == 1 and step["loader_state_dict"]["samples_done"] == 3 * 128
+    result = run([*command, "--batch-size", "64", "--resume", checkpoints / "step.pth", "--logdir", logdir])
     assert result.returncode == 0, result.stderr[-2000:]
     last = torch.load(checkpoints / "last.pth", weights_only=True)
-    assert last["epoch"] == 2 and (last["loader_state_dict"]["epoch"], last["loader_state_dict"]["samples_done"]) == (
-        3,
-        0,
-    )
-    meters = [last["meters"]] if example == "device" else last["meters"]
+    assert last["epoch"] == 2
+    assert (last["loader_state_dict"]["epoch"], last["loader_state_dict"]["samples_done"]) == (3, 0)
+    meters = last["meters"] if world_size > 1 else [last["meters"]]
+    share = math.ceil(1437 / world_size)  # the training samples of each rank per epoch
     assert [rank["loss"]["count"] for rank in meters] == [share] * world_size  # none skipped, none twice
     assert "continuing at epoch 2, batch 7" in (logdir / "train.log").read_text()  # 384 samples = 6 of 64
 
