@@ -333,11 +333,12 @@ def launch(example, *args):
 
 @pytest.fixture
 def straight_run(made_once):
-    """The uninterrupted run of an example with these flags, once per session (read it, or copy it)."""
+    """The uninterrupted run of an example with these flags, once per session (read it, or copy it). Without
+    DataLoader workers: they change nothing, which each bitwise comparison with a run that has them checks too."""
 
     def get(example, *extra):
         def make(logdir):
-            result = run(launch(example, "--logdir", logdir, *extra))
+            result = run(launch(example, "--logdir", logdir, *extra, "--num-workers", "0"))
             assert result.returncode == 0, result.stderr[-3000:]
 
         return made_once("straight-" + "-".join([example, *extra]).replace("--", ""), make)
@@ -444,9 +445,8 @@ def test_ddp_example_on_gpus_with_nccl(tmp_path):
 
 
 # ------------------------------------------------------------------------------ bugs found in use
-def test_resume_auto_after_a_branch_never_takes_the_abandoned_runs_step_checkpoint(tmp_path):
-    logdir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    assert run([DEVICE, *FAST, "--epochs", "2", "--save-every-steps", "5", "--logdir", logdir]).returncode == 0
+def test_resume_auto_after_a_branch_never_takes_the_abandoned_runs_step_checkpoint(two_epochs):
+    logdir, checkpoints = two_epochs, two_epochs / "checkpoints"
     assert position(checkpoints / "step.pth")[0] == 1  # the first run's mid-epoch-2 checkpoint, after epoch 1
     # branch from epoch 1 (stopped right away here: it too has finished epoch 1), then continue it with --resume auto
     branch = run([DEVICE, *FAST, "--epochs", "1", "--resume", checkpoints / "exp_1.pth", "--logdir", logdir])
@@ -472,13 +472,22 @@ def test_a_resumed_run_that_had_stopped_early_says_so(tmp_path):
     assert epochs_recorded(logdir)[-1] == stopped_at
 
 
-def test_mid_epoch_resume_with_another_batch_size_trains_every_sample_once(tmp_path):
+@pytest.fixture
+def two_epochs(made_once, tmp_path):
+    """A copy of the device example's run of 2 epochs at batch size 128 (12 steps each), with a step.pth written
+    at step 15, 3 batches into epoch 2; the run is made once per session."""
+
+    def make(logdir):
+        result = run([DEVICE, *FAST, "--epochs", "2", "--save-every-steps", "15", "--logdir", logdir])
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    return Path(shutil.copytree(made_once("device-2-epochs", make), tmp_path / "run"))
+
+
+def test_mid_epoch_resume_with_another_batch_size_trains_every_sample_once(two_epochs):
     """Resume positions count samples: a step checkpoint taken at batch size 128 resumes at 64 exactly.
     (The ddp example: the original launcher's test.)"""
-    logdir, command = tmp_path / "run", [DEVICE, "--device", "cpu", "--epochs", "2"]
-    first = run([*command, "--batch-size", "128", "--save-every-steps", "15", "--logdir", logdir])  # 12 steps/epoch
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert_resumes_at_batch_size_64(command, logdir, world_size=1)
+    assert_resumes_at_batch_size_64([DEVICE, "--device", "cpu", "--epochs", "2"], two_epochs, world_size=1)
 
 
 def assert_resumes_at_batch_size_64(command, logdir, world_size):
