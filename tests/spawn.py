@@ -19,6 +19,7 @@ import queue
 import select
 import signal
 import socket
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -138,6 +139,14 @@ def alive(pids: list[int]) -> list[int]:
         except OSError:
             pass
     return running
+
+
+def wait_gone(pids: list[int], timeout_s: float = 10.0) -> list[int]:
+    """Wait up to ``timeout_s`` for ``pids`` to end; the ones still running then (``alive``)."""
+    deadline = time.monotonic() + timeout_s
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive(pids)
 
 
 def run_in_child(fn: Callable[[], Any], timeout_s: float = 60) -> dict:

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from spawn import alive, descendants
+from spawn import alive, descendants, wait_gone
 from torch.utils.data import Dataset, SequentialSampler, TensorDataset
 
 from batteries import make_loader
@@ -65,13 +65,6 @@ def start(tmp_path, source, name="script.py", **kwargs):
     watchdog.daemon = True
     watchdog.start()
     return process
-
-
-def wait_gone(pids, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return alive(pids)
 
 
 def kill_all(process, pids=()):

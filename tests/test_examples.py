@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from spawn import alive, descendants, free_port
+from spawn import descendants, free_port, wait_gone
 
 from batteries import load_checkpoint, make_loader
 
@@ -366,10 +366,7 @@ def test_kill_9_and_resume_is_bitwise_the_uninterrupted_run(tmp_path, straight_r
             time.sleep(0.01)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
-        deadline = time.monotonic() + 2.5  # at once (the parent-death signal), not at torch's 5 s watchdog
-        while alive(helpers) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert alive(helpers) == []
+        assert wait_gone(helpers, 2.5) == []  # at once (the parent-death signal), not at torch's 5 s watchdog
     finally:
         kill_tree(process)
     result = run(launch(example, "--logdir", logdir, "--resume", "auto"))
@@ -580,10 +577,8 @@ def test_signals_at_random_instants_stop_save_and_resume_bitwise(tmp_path, strai
                     helpers = descendants(process.pid)
                     os.killpg(process.pid, sig) if to_group else process.send_signal(sig)
                     process.wait(timeout=30)
-                    deadline = time.monotonic() + 10  # they end with the process (PDEATHSIG): give them a moment
-                    while alive(helpers) and time.monotonic() < deadline:
-                        time.sleep(0.05)
-                    assert alive(helpers) == []  # workers, forkserver, resource tracker, torchrun's workers: all gone
+                    # workers, forkserver, resource tracker, torchrun's workers: all gone (they end with the process)
+                    assert wait_gone(helpers) == []
                 else:
                     process.wait(timeout=180)
             finally:
